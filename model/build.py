@@ -1,0 +1,96 @@
+"""Build a Hugging Face `MixtralForCausalLM` from a preset, or load one from an HF folder.
+
+The model is transformers' own Mixtral (not a re-implementation), so checkpoints stay
+HF-native. Preset values use HF's config names (`num_local_experts`, `num_experts_per_tok`,
+...), see `configs/model/*.yaml`; everything in a preset except the keys in `BUILD_KEYS`
+goes straight into `MixtralConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+# Preset keys that are about how to build, not part of MixtralConfig.
+BUILD_KEYS = ("name", "attn_implementation", "gradient_checkpointing")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """"auto" → bf16 on CUDA with bf16 support, else fp32 (CPU)."""
+    if precision == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if precision not in DTYPES:
+        raise ValueError(f"precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    return DTYPES[precision]
+
+
+def mixtral_config(preset: Mapping) -> MixtralConfig:
+    """`MixtralConfig` from a preset mapping (HF key names)."""
+    values = {k: v for k, v in dict(preset).items() if k not in BUILD_KEYS}
+    return MixtralConfig(**values)
+
+
+def build_model(
+    preset: Mapping,
+    model_path: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    seed: int | None = None,
+) -> MixtralForCausalLM:
+    """A Mixtral model: freshly initialised from `preset`, or loaded from `model_path`.
+
+    Args:
+        preset: model preset (HF config keys + build keys). Ignored for the architecture
+            when `model_path` is given (the folder's config.json wins).
+        model_path: an HF folder (config.json + safetensors) or hub name; weights are read from
+            safetensors only and `trust_remote_code` stays off.
+        dtype: parameter dtype.
+        attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
+        gradient_checkpointing: recompute activations in backward.
+        seed: seeds the fresh initialisation (same seed → same weights on every rank).
+    """
+    preset = dict(preset)
+    attn = attn_implementation or preset.get("attn_implementation", "sdpa")
+    if model_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=dtype, attn_implementation=attn,
+            trust_remote_code=False, use_safetensors=True,
+        )
+        if model.config.model_type != "mixtral":
+            raise ValueError(f"model_path={model_path}: model_type is {model.config.model_type!r}, expected 'mixtral'")
+    else:
+        config = mixtral_config(preset)
+        config._attn_implementation = attn
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = MixtralForCausalLM(config).to(dtype)
+    if gradient_checkpointing if gradient_checkpointing is not None else preset.get("gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(config: MixtralConfig) -> dict:
+    """Total and active (per token) parameter counts of a Mixtral config, from its shapes."""
+    h, f, v, n_layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    attn = h * head_dim * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+    expert = 3 * h * f
+    router = h * config.num_local_experts
+    norms = 2 * h
+    per_layer_total = attn + config.num_local_experts * expert + router + norms
+    per_layer_active = attn + config.num_experts_per_tok * expert + router + norms
+    embed = v * h * (1 if config.tie_word_embeddings else 2)
+    return {
+        "total": n_layers * per_layer_total + embed + h,
+        "active": n_layers * per_layer_active + embed + h,
+    }

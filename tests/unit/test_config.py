@@ -1,0 +1,74 @@
+"""Config schemas: every recipe composes; bad keys, types and combinations are named."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from train.config import ConfigError, compose, validate
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted(p.relative_to(REPO / "recipes").with_suffix("").as_posix() for p in (REPO / "recipes").rglob("*.yaml"))
+DESIGN_KEYS = ["output_dir", "max_steps", "seed", "model_path", "model", "deepspeed", "expert_parallel_size",
+               "global_batch_size", "micro_batch_size", "max_seq_len", "optim.lr", "router.aux_loss_coef",
+               "router.z_loss_coef", "router.global_batch", "data.path", "data.format", "checkpoint_every",
+               "resume", "logging"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates(recipe):
+    stage = Path(recipe).name.split("_")[0]
+    cfg = compose(stage, [f"recipe={recipe}"])
+    validate(cfg)
+    assert cfg.stage == stage
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_design_keys_exist(stage):
+    cfg = compose(stage)
+    for key in DESIGN_KEYS:
+        node = cfg
+        for part in key.split("."):
+            assert part in node, f"{stage}: missing key {key}"
+            node = node[part]
+
+
+def test_command_line_overrides_recipe():
+    cfg = compose("sft", ["recipe=tiny/sft", "max_steps=7", "optim.lr=0.5", "deepspeed=zero3", "model=small"])
+    assert (cfg.max_steps, cfg.optim.lr, cfg.deepspeed.zero_optimization.stage, cfg.model.name) == (7, 0.5, 3, "small")
+
+
+def _error_text(overrides, world_size=None):
+    with pytest.raises((ConfigCompositionException, ConfigError, ValidationError, ConfigKeyError)) as err:
+        validate(compose("sft", overrides), world_size)
+    e = err.value
+    return str(e) + " " + str(getattr(e, "__cause__", "") or "")
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, needle",
+    [
+        (["optim.lrr=1"], None, "optim.lrr"),
+        (["max_steps=abc"], None, "max_steps"),
+        (["router.global_batch=maybe"], None, "router.global_batch"),
+        (["expert_parallel_size=3"], None, "expert_parallel_size=3"),
+        (["expert_parallel_size=4"], 2, "world size"),
+        (["global_batch_size=6", "micro_batch_size=4"], 2, "global_batch_size=6"),
+        (["data.format=csv"], None, "data.format"),
+        (["model_path=/no/such/folder"], None, "model_path=/no/such/folder"),
+        (["max_seq_len=100000"], None, "max_seq_len"),
+        (["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"], None, "offload_param"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, world_size, needle):
+    assert needle in _error_text(overrides, world_size)
+
+
+def test_recipe_with_unknown_key_fails(tmp_path, monkeypatch):
+    bad = REPO / "recipes" / "tiny" / "_test_bad.yaml"
+    bad.write_text("# @package _global_\noptim:\n  lrr: 1\n")
+    try:
+        assert "lrr" in _error_text(["recipe=tiny/_test_bad"])
+    finally:
+        bad.unlink()

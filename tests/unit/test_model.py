@@ -1,0 +1,84 @@
+"""Model presets: build, save_pretrained → AutoModelForCausalLM round trip, router recording."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from model.build import build_model, count_parameters, mixtral_config
+from model.router import RouterLogitsRecorder, load_balancing_loss
+from train.config import compose
+
+
+@pytest.fixture(scope="module")
+def tiny_preset():
+    return OmegaConf.to_container(compose("sft").model)
+
+
+def test_tiny_preset_is_mixtral_shaped(tiny_preset):
+    config = mixtral_config(tiny_preset)
+    assert config.vocab_size == 32000
+    assert (config.num_local_experts, config.num_experts_per_tok) == (8, 2)
+
+
+def test_real_presets_have_published_shapes():
+    c7 = mixtral_config(OmegaConf.to_container(compose("sft", ["model=mixtral_8x7b"]).model))
+    assert (c7.hidden_size, c7.num_hidden_layers, c7.num_attention_heads, c7.num_key_value_heads,
+            c7.intermediate_size, c7.num_local_experts, c7.num_experts_per_tok, c7.rope_parameters["rope_theta"],
+            c7.max_position_embeddings, c7.vocab_size) == (4096, 32, 32, 8, 14336, 8, 2, 1e6, 32768, 32000)
+    counts = count_parameters(c7)
+    # published: 46.7B total, 12.9B active
+    assert counts["total"] / 1e9 == pytest.approx(46.7, abs=0.1)
+    assert counts["active"] / 1e9 == pytest.approx(12.9, abs=0.1)
+    c22 = mixtral_config(OmegaConf.to_container(compose("sft", ["model=mixtral_8x22b"]).model))
+    assert count_parameters(c22)["total"] / 1e9 == pytest.approx(140.6, abs=0.5)
+
+
+def test_save_and_reload_gives_identical_logits(tiny_preset, tmp_path):
+    model = build_model(tiny_preset, seed=0).eval()
+    model.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=False).eval()
+    ids = torch.randint(0, 32000, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # and build_model(model_path=...) loads the same weights
+    again = build_model(tiny_preset, model_path=tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_same_seed_same_weights(tiny_preset):
+    a, b = build_model(tiny_preset, seed=3), build_model(tiny_preset, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_recorder_matches_hf_router_logits(tiny_preset):
+    model = build_model(tiny_preset, seed=0).eval()
+    recorder = RouterLogitsRecorder(model)
+    assert recorder.num_layers == tiny_preset["num_hidden_layers"]
+    ids = torch.randint(0, 32000, (2, 9))
+    with torch.no_grad():
+        with recorder:
+            model(ids)
+        hf = model(ids, output_router_logits=True).router_logits
+    assert len(recorder.logits) == len(hf)
+    for ours, theirs in zip(recorder.logits, hf):
+        assert ours.shape == (18, 8)
+        assert torch.equal(ours, theirs)
+    # outside the context nothing is recorded
+    with torch.no_grad():
+        model(ids)
+    assert len(recorder.logits) == len(hf)
+
+
+def test_gradient_checkpointing_records_once_and_router_gets_grad(tiny_preset):
+    model = build_model(tiny_preset, seed=0, gradient_checkpointing=True).train()
+    recorder = RouterLogitsRecorder(model)
+    ids = torch.randint(0, 32000, (2, 9))
+    with recorder:
+        out = model(ids)
+    loss = out.logits.float().mean() + load_balancing_loss(recorder.logits, 2)
+    loss.backward()
+    assert len(recorder.logits) == tiny_preset["num_hidden_layers"]
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0

@@ -1,0 +1,268 @@
+"""Structured (dataclass) schemas for the stage configs, and the checks Hydra cannot express.
+
+Every primary config (`configs/{pretrain,sft,dpo}.yaml`) starts from one of the schemas
+registered here, so OmegaConf rejects an unknown key (`optim.lrr=1`) or a wrong type
+(`max_steps=abc`) at composition, naming the key. `validate(cfg, world_size)` adds the
+cross-key rules (expert parallel size, batch arithmetic, enumerations, combinations) and
+raises `ConfigError` naming the key before any heavy work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Mixtral architecture with Hugging Face's key names, plus how to build it."""
+    name: str = MISSING
+    vocab_size: int = 32000
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    head_dim: Optional[int] = None
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    sliding_window: Optional[int] = None
+    router_jitter_noise: float = 0.0
+    router_aux_loss_coef: float = 0.02
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    hidden_act: str = "silu"
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"          # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RouterConfig:
+    aux_loss_coef: float = 0.01       # Switch α on our per-layer loss (balanced = 1.0); HF c ≈ ours / top_k
+    z_loss_coef: float = 0.0          # ST-MoE uses 1e-3
+    global_batch: bool = False        # f_e over the global batch (micro-batches × DP ranks)
+
+
+@dataclass
+class DataConfig:
+    path: str = "synthetic"           # file, folder, hub dataset name, or "synthetic" (project-generated)
+    format: str = "auto"              # auto|text|messages|alpaca|sharegpt|preference|hh_rlhf
+    split: str = "train"
+    name: Optional[str] = None        # hub dataset config name
+    text_field: str = "text"
+    packing: bool = True
+    overlong: str = "truncate"        # truncate | drop
+    on_error: str = "raise"           # raise | skip
+    max_samples: Optional[int] = None
+    synthetic_samples: int = 2000
+    num_proc: int = 1
+    cache_dir: Optional[str] = None   # tokenization cache; default <output_dir>/cache
+
+
+@dataclass
+class LoggingConfig:
+    backend: str = "none"             # none | wandb
+    project: str = "mixtral-tune"
+    run_name: Optional[str] = None
+    mode: str = "offline"             # wandb mode: offline | online | disabled
+    log_every: int = 1
+    heatmap_every: int = 50
+    dead_expert_steps: int = 20       # warn when an expert gets no token for this many steps
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    experts: bool = False             # also adapt the fused expert weights (peft target_parameters)
+    train_router: bool = False
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"        # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0           # RPO-style NLL on chosen
+    reference: str = "precomputed"    # precomputed | live | adapters_off (LoRA)
+    max_prompt_len: Optional[int] = None
+
+
+@dataclass
+class StageConfig:
+    stage: str = MISSING
+    output_dir: str = MISSING
+    max_steps: int = 100
+    seed: int = 0
+    model_path: Optional[str] = None
+    model: ModelConfig = MISSING
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    expert_parallel_size: int = 1
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    max_seq_len: int = 512
+    precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    checkpoint_every: int = 0         # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    export: bool = True
+    dist_timeout_s: int = 600
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    stage: str = "pretrain"
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    stage: str = "sft"
+
+
+@dataclass
+class DPOStageConfig(StageConfig):
+    stage: str = "dpo"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="sft_schema", node=SFTConfig)
+    cs.store(name="dpo_schema", node=DPOStageConfig)
+
+
+register_schemas()
+
+DATA_FORMATS = ("auto", "text", "messages", "alpaca", "sharegpt", "preference", "hh_rlhf")
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value) -> None:
+    if value is None or value < 1:
+        raise ConfigError(f"{key}={value!r}: must be a positive integer")
+
+
+def looks_local(path: str) -> bool:
+    """A path (not a hub name like 'mistralai/Mixtral-8x7B-v0.1')."""
+    return path.startswith(("/", ".", "~")) or os.path.exists(path) or path.count("/") > 1
+
+
+def validate(cfg, world_size: int | None = None) -> None:
+    """Cross-key checks. `world_size` enables the ones that depend on the launch."""
+    m = cfg.model
+    _positive("max_steps", cfg.max_steps)
+    _positive("global_batch_size", cfg.global_batch_size)
+    _positive("micro_batch_size", cfg.micro_batch_size)
+    _positive("max_seq_len", cfg.max_seq_len)
+    _positive("expert_parallel_size", cfg.expert_parallel_size)
+    _positive("model.num_experts_per_tok", m.num_experts_per_tok)
+    if m.num_experts_per_tok > m.num_local_experts:
+        raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok} exceeds "
+                          f"model.num_local_experts={m.num_local_experts}")
+    if m.num_local_experts % cfg.expert_parallel_size:
+        raise ConfigError(f"expert_parallel_size={cfg.expert_parallel_size} does not divide "
+                          f"model.num_local_experts={m.num_local_experts}: each rank must hold the same number of experts")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % m.num_key_value_heads:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                          f"model.num_key_value_heads={m.num_key_value_heads}")
+    if cfg.max_seq_len > m.max_position_embeddings:
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
+    _one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
+    _one_of("optim.name", cfg.optim.name, ("adamw",))
+    _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: expected two values")
+    _one_of("data.format", cfg.data.format, DATA_FORMATS)
+    _one_of("data.overlong", cfg.data.overlong, ("truncate", "drop"))
+    _one_of("data.on_error", cfg.data.on_error, ("raise", "skip"))
+    _one_of("logging.backend", cfg.logging.backend, ("none", "wandb"))
+    if cfg.router.aux_loss_coef < 0 or cfg.router.z_loss_coef < 0:
+        raise ConfigError("router.aux_loss_coef and router.z_loss_coef must be >= 0")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every={cfg.checkpoint_every}: must be >= 0")
+    if cfg.model_path is not None and looks_local(cfg.model_path):
+        path = os.path.expanduser(cfg.model_path)
+        if not os.path.isdir(path):
+            raise ConfigError(f"model_path={cfg.model_path}: no such folder")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"model_path={cfg.model_path}: folder has no config.json (expected an HF model folder)")
+    zero = cfg.deepspeed.get("zero_optimization", {}) if cfg.deepspeed else {}
+    stage = int(zero.get("stage", 0))
+    offload = bool(zero.get("offload_optimizer") or zero.get("offload_param"))
+    if offload and stage == 0:
+        raise ConfigError("deepspeed: CPU offload needs ZeRO stage >= 1 (zero_optimization.stage is 0)")
+    if zero.get("offload_param") and stage != 3:
+        raise ConfigError("deepspeed: zero_optimization.offload_param needs ZeRO stage 3")
+    if cfg.lora.enabled and cfg.expert_parallel_size > 1 and cfg.lora.experts:
+        raise ConfigError("lora.experts=true with expert_parallel_size>1: AutoEP replaces the expert weights "
+                          "that peft would wrap; adapt attention only (lora.experts=false) or use expert_parallel_size=1")
+    if hasattr(cfg, "dpo"):
+        _one_of("dpo.loss_type", cfg.dpo.loss_type, ("sigmoid", "ipo", "hinge", "robust"))
+        _one_of("dpo.reference", cfg.dpo.reference, ("precomputed", "live", "adapters_off"))
+        if cfg.dpo.reference == "adapters_off" and not cfg.lora.enabled:
+            raise ConfigError("dpo.reference=adapters_off needs lora.enabled=true")
+        if cfg.dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta={cfg.dpo.beta}: must be > 0")
+    if world_size is not None:
+        if world_size % cfg.expert_parallel_size:
+            raise ConfigError(f"expert_parallel_size={cfg.expert_parallel_size} does not divide the world size "
+                              f"{world_size} (torchrun --nproc_per_node x --nnodes)")
+        per_step = cfg.micro_batch_size * world_size
+        if cfg.global_batch_size % per_step:
+            raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size × "
+                              f"world size = {cfg.micro_batch_size} × {world_size} = {per_step}")
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def compose(stage: str, overrides: list[str] | None = None):
+    """Compose a stage config the way `train/<stage>.py` does, without running Hydra's app
+    (for tests, the pipeline and notebooks). Raises on unknown keys or wrong types."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=stage, overrides=list(overrides or []))
