@@ -51,7 +51,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"               # adamw | sgd (plain SGD: debugging, gradient-scale checks)
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -140,6 +140,7 @@ class StageConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     export: bool = True
+    verify_export: bool = True        # compare the export's logits with the live model's on a probe batch
     dist_timeout_s: int = 600
 
 
@@ -210,7 +211,7 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
     _one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
-    _one_of("optim.name", cfg.optim.name, ("adamw",))
+    _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: expected two values")

@@ -1,0 +1,346 @@
+"""Reading records from files, folders or the Hub, and adapting each input format to one
+canonical form.
+
+Canonical forms:
+    text        {"text": str}                                         (pretraining)
+    messages    {"messages": [{"role", "content"}, ...]}              (SFT)
+    preference  {"prompt": [messages ending with user], "chosen": str, "rejected": str}   (DPO)
+
+Input formats (`data.format`, or "auto" to detect from the first record's keys):
+    text        {"text": ...} (field name configurable); .txt files are one document each
+    messages    {"messages": [{"role": "system|user|assistant", "content": ...}]}
+    alpaca      {"instruction", "input", "output"} (+ optional "system")
+    sharegpt    {"conversations": [{"from": "system|human|gpt", "value": ...}]}
+                (with "chosen"/"rejected" turns it is a preference pair, LLaMA-Factory style)
+    preference  {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+    hh_rlhf     {"chosen": transcript, "rejected": transcript} ("\\n\\nHuman: ...\\n\\nAssistant: ...")
+
+Every error names the source file and line (or record index) — `RecordError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.chat import ChatFormatError, validate_messages
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".jsonl.gz", ".json.gz")
+
+
+class RecordError(ValueError):
+    """A bad record or file. `where` is "file:line" or "file[record i]"; `kind` a short category."""
+
+    def __init__(self, where: str, kind: str, detail: str):
+        super().__init__(f"{where}: {kind}: {detail}")
+        self.where, self.kind, self.detail = where, kind, detail
+
+
+@dataclass
+class Record:
+    where: str      # "path:line" or "path[i]" or "hub:name[i]"
+    value: dict
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in FILE_SUFFIXES:
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def list_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in FILE_SUFFIXES)
+    if not files:
+        raise RecordError(str(path), "empty folder", f"no {', '.join(FILE_SUFFIXES)} files inside")
+    return files
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        raw = gzip.decompress(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecordError(f"{path}:{line}", "not UTF-8", f"byte {raw[e.start]:#x} at offset {e.start}") from None
+    return text.lstrip("\ufeff")  # a UTF-8 BOM is harmless: drop it
+
+
+def _check_finite(value, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(where, "non-finite number", repr(value))
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_finite(v, where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_finite(v, where)
+
+
+def read_file(path: Path, text_field: str = "text") -> Iterator[Record]:
+    suffix = _suffix(path)
+    if suffix in (".jsonl", ".jsonl.gz"):
+        text = _read_text(path)
+        if not text.strip():
+            raise RecordError(str(path), "empty file", "no records")
+        for i, line in enumerate(io.StringIO(text), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(where, "malformed JSON", e.msg) from None
+            if not isinstance(value, dict):
+                raise RecordError(where, "not an object", f"expected a JSON object, got {type(value).__name__}")
+            _check_finite(value, where)
+            yield Record(where, value)
+    elif suffix in (".json", ".json.gz"):
+        text = _read_text(path)
+        if not text.strip():
+            raise RecordError(str(path), "empty file", "no records")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}:{e.lineno}", "malformed JSON", e.msg) from None
+        if isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise RecordError(str(path), "empty file" if value == [] else "not a list", "expected a JSON list of records")
+        for i, v in enumerate(value):
+            where = f"{path}[{i}]"
+            if not isinstance(v, dict):
+                raise RecordError(where, "not an object", f"expected a JSON object, got {type(v).__name__}")
+            _check_finite(v, where)
+            yield Record(where, v)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if table.num_rows == 0:
+            raise RecordError(str(path), "empty file", "no rows")
+        for i, v in enumerate(table.to_pylist()):
+            yield Record(f"{path}[{i}]", v)
+    elif suffix == ".txt":
+        text = _read_text(path)
+        if not text.strip():
+            raise RecordError(str(path), "empty file", "no text")
+        yield Record(str(path), {text_field: text})
+    else:
+        raise RecordError(str(path), "unknown format", f"unsupported file type {path.suffix!r}; use {', '.join(FILE_SUFFIXES)}")
+
+
+def read_records(path: str, *, split: str = "train", name: str | None = None, text_field: str = "text") -> Iterator[Record]:
+    """Records from a file, a folder (recursively, sorted), or a Hub dataset name."""
+    p = Path(path).expanduser()
+    if p.exists():
+        for f in list_files(p):
+            yield from read_file(f, text_field)
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise RecordError(path, "missing", "no such file or folder")
+    import datasets  # a Hub dataset: needs internet (or a populated HF cache)
+
+    ds = datasets.load_dataset(path, name, split=split)
+    if len(ds) == 0:
+        raise RecordError(f"hub:{path}", "empty dataset", f"split {split!r} has no rows")
+    for i, v in enumerate(ds):
+        yield Record(f"hub:{path}[{i}]", dict(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# format detection and adapters
+
+
+def detect_format(value: dict, text_field: str = "text") -> str:
+    keys = set(value)
+    if "conversations" in keys:
+        return "sharegpt"
+    if "messages" in keys:
+        return "messages"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"chosen", "rejected"} <= keys:
+        return "preference" if "prompt" in keys else (
+            "hh_rlhf" if isinstance(value["chosen"], str) else "preference")
+    if text_field in keys:
+        return "text"
+    raise ValueError(f"cannot tell the format from keys {sorted(keys)}; set data.format")
+
+
+def _require(value: dict, key: str, kind, where: str):
+    if key not in value:
+        raise RecordError(where, "missing field", f"no {key!r} field (keys: {sorted(value)})")
+    v = value[key]
+    if not isinstance(v, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise RecordError(where, "mistyped field", f"{key!r} should be {names}, got {type(v).__name__}")
+    return v
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _sharegpt_turns(turns, where: str) -> list[dict]:
+    out = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise RecordError(where, "mistyped field", f"conversations[{j}] needs 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(t["from"])
+        if role is None:
+            raise RecordError(where, "unknown role", f"conversations[{j}].from={t['from']!r} "
+                              f"(expected one of {sorted(SHAREGPT_ROLES)})")
+        out.append({"role": role, "content": t["value"]})
+    return out
+
+
+def _check_chat(messages, where: str, for_training: bool) -> list[dict]:
+    try:
+        validate_messages(messages, for_training=for_training)
+    except ChatFormatError as e:
+        raise RecordError(where, "invalid conversation", str(e)) from None
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def to_text(rec: Record, text_field: str = "text") -> dict:
+    text = _require(rec.value, text_field, str, rec.where)
+    if not text.strip():
+        raise RecordError(rec.where, "empty content", f"{text_field!r} is empty")
+    return {"text": text}
+
+
+def to_messages(rec: Record, fmt: str) -> dict:
+    v, where = rec.value, rec.where
+    if fmt == "messages":
+        msgs = _require(v, "messages", list, where)
+    elif fmt == "alpaca":
+        instruction = _require(v, "instruction", str, where)
+        extra = v.get("input") or ""
+        if not isinstance(extra, str):
+            raise RecordError(where, "mistyped field", f"'input' should be str, got {type(extra).__name__}")
+        output = _require(v, "output", str, where)
+        msgs = []
+        if v.get("system"):
+            msgs.append({"role": "system", "content": v["system"]})
+        msgs += [{"role": "user", "content": instruction + ("\n" + extra if extra else "")},
+                 {"role": "assistant", "content": output}]
+    elif fmt == "sharegpt":
+        msgs = _sharegpt_turns(_require(v, "conversations", list, where), where)
+        if isinstance(v.get("system"), str) and v["system"] and (not msgs or msgs[0]["role"] != "system"):
+            msgs = [{"role": "system", "content": v["system"]}] + msgs
+    else:
+        raise RecordError(where, "wrong format", f"format {fmt!r} is not a chat format")
+    return {"messages": _check_chat(msgs, where, for_training=True)}
+
+
+def _as_prompt(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return value
+    raise RecordError(where, "mistyped field", f"prompt should be str or a message list, got {type(value).__name__}")
+
+
+def _as_answer(value, where: str, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "value" in value:          # sharegpt turn
+        return value["value"]
+    if isinstance(value, dict) and "content" in value:        # one message
+        return value["content"]
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        return value[-1]["content"]
+    raise RecordError(where, "mistyped field", f"{key!r} should be a string, a message, or a message list ending with assistant")
+
+
+def split_hh_transcript(transcript: str) -> tuple[str, str]:
+    """Split an HH-RLHF transcript at the last "\\n\\nAssistant:" into (prompt part, answer)."""
+    i = transcript.rfind("\n\nAssistant:")
+    if i < 0:
+        raise ValueError("no '\\n\\nAssistant:' in transcript")
+    return transcript[:i], transcript[i + len("\n\nAssistant:"):].strip()
+
+
+def hh_prompt_messages(prefix: str) -> list[dict]:
+    """HH "\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c" → [user a, assistant b, user c]."""
+    msgs = []
+    rest = prefix
+    import re
+
+    parts = re.split(r"\n\n(Human|Assistant):", rest)
+    # parts = [lead, role1, text1, role2, text2, ...]
+    for role, text in zip(parts[1::2], parts[2::2]):
+        msgs.append({"role": "user" if role == "Human" else "assistant", "content": text.strip()})
+    return msgs
+
+
+def to_preference(rec: Record, fmt: str) -> dict:
+    v, where = rec.value, rec.where
+    if fmt == "hh_rlhf":
+        chosen_t = _require(v, "chosen", str, where)
+        rejected_t = _require(v, "rejected", str, where)
+        try:
+            p_c, chosen = split_hh_transcript(chosen_t)
+            p_r, rejected = split_hh_transcript(rejected_t)
+        except ValueError as e:
+            raise RecordError(where, "invalid transcript", str(e)) from None
+        if p_c != p_r:
+            raise RecordError(where, "prompts differ", "chosen and rejected transcripts do not share the prompt")
+        prompt = hh_prompt_messages(p_c)
+    elif fmt == "sharegpt":
+        prompt = _sharegpt_turns(_require(v, "conversations", list, where), where)
+        chosen = _as_answer(_require(v, "chosen", (dict, str), where), where, "chosen")
+        rejected = _as_answer(_require(v, "rejected", (dict, str), where), where, "rejected")
+    elif fmt == "preference":
+        if "prompt" in v:
+            prompt = _as_prompt(v["prompt"], where)
+            chosen = _as_answer(_require(v, "chosen", (str, list, dict), where), where, "chosen")
+            rejected = _as_answer(_require(v, "rejected", (str, list, dict), where), where, "rejected")
+        else:  # UltraFeedback-binarized: full message lists sharing a prompt
+            c = _require(v, "chosen", list, where)
+            r = _require(v, "rejected", list, where)
+            if c[:-1] != r[:-1]:
+                raise RecordError(where, "prompts differ", "chosen and rejected message lists do not share the prompt")
+            prompt, chosen, rejected = c[:-1], _as_answer(c, where, "chosen"), _as_answer(r, where, "rejected")
+    else:
+        raise RecordError(where, "wrong format", f"format {fmt!r} is not a preference format")
+    for key, ans in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(ans, str) or not ans.strip():
+            raise RecordError(where, "empty content", f"{key} answer is empty")
+    if chosen == rejected:
+        raise RecordError(where, "identical pair", "chosen and rejected are identical (no preference signal)")
+    prompt = _check_chat(prompt, where, for_training=False)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def canonical(rec: Record, fmt: str, kind: str, text_field: str = "text") -> dict:
+    """Adapt one record to the canonical form of `kind` ("text", "messages", "preference")."""
+    if fmt == "auto":
+        try:
+            fmt = detect_format(rec.value, text_field)
+        except ValueError as e:
+            raise RecordError(rec.where, "unknown format", str(e)) from None
+    if kind == "text":
+        if fmt in ("messages", "alpaca", "sharegpt"):  # continued pretraining on chats: flatten
+            msgs = to_messages(rec, fmt)["messages"]
+            return {"text": "\n\n".join(m["content"] for m in msgs)}
+        return to_text(rec, text_field)
+    if kind == "messages":
+        if fmt == "text":
+            raise RecordError(rec.where, "wrong format", "a text record where a chat was expected (set data.format)")
+        return to_messages(rec, fmt)
+    if kind == "preference":
+        if fmt == "sharegpt" and "chosen" not in rec.value:
+            raise RecordError(rec.where, "missing field", "sharegpt record without 'chosen'/'rejected'")
+        return to_preference(rec, fmt)
+    raise ValueError(f"unknown kind {kind!r}")

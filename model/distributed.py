@@ -1,0 +1,57 @@
+"""DeepSpeed wiring: the only place that knows DeepSpeed's JSON and its engine set-up.
+
+`deepspeed_config` turns the stage config into the plain dict DeepSpeed wants: batch sizes
+(DeepSpeed does not resolve HF's "auto"), precision, gradient clipping, and AutoEP expert
+parallelism (`"expert_parallel": {"enabled", "autoep_size", "preset_model": "mixtral"}`).
+
+Which combinations run (checked in `train.config.validate` and here):
+  * expert_parallel_size must divide num_local_experts (equal experts per rank) and the
+    world size (EP groups tile the ranks; the remaining factor is expert-data-parallel).
+  * AutoEP works with ZeRO 0-3 (DeepSpeed ≥ 0.19); ZeRO-3 partitions the expert weights
+    inside each expert-data-parallel group.
+  * Without EP under ZeRO-3 the Mixtral MoE block is made a ZeRO-3 *leaf module*: its
+    parameters are gathered once at block entry, so ranks whose tokens pick different experts
+    never wait on each other's parameter fetches (the classic MoE hang, DeepSpeed#4808).
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+import torch
+
+
+def deepspeed_config(cfg, world_size: int, dtype: torch.dtype) -> dict:
+    """Plain DeepSpeed config dict for this launch. Prints nothing; see `batch_arithmetic`."""
+    ds = OmegaConf.to_container(cfg.deepspeed, resolve=True) if cfg.deepspeed else {}
+    gas = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+    ds["train_batch_size"] = cfg.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = gas
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds["fp16"] = {"enabled": dtype == torch.float16}
+    if cfg.expert_parallel_size > 1:
+        ds["expert_parallel"] = {"enabled": True, "autoep_size": cfg.expert_parallel_size, "preset_model": "mixtral"}
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def batch_arithmetic(cfg, world_size: int) -> str:
+    """Human-readable batch arithmetic, e.g. for the start-of-run banner."""
+    gas = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+    return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel ranks = "
+            f"{cfg.global_batch_size} sequences of ≤{cfg.max_seq_len} tokens = "
+            f"{cfg.global_batch_size * cfg.max_seq_len / 1000:.1f}k token slots/step")
+
+
+def mark_moe_leaf_modules(model) -> int:
+    """Make every Mixtral MoE block a ZeRO-3 leaf module; returns how many were marked."""
+    from deepspeed.utils import set_z3_leaf_modules
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    return len(set_z3_leaf_modules(model, [MixtralSparseMoeBlock]))

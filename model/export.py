@@ -1,0 +1,218 @@
+"""Export a training engine's model as a Hugging Face folder (config.json, safetensors, tokenizer.model).
+
+Handles every layout the stages train in, gathering in process (all ranks must call):
+  * ZeRO-3 partitions: each parameter is gathered with `deepspeed.zero.GatheredParameters`
+    (inside its own process group, so expert weights gather inside their expert-data-parallel group);
+  * DeepSpeed AutoEP: expert weights live as `mlp.experts.w1/w2/w3` of shape (E/ep, ffn, hidden)
+    holding this rank's contiguous block of experts; they are all-gathered across the EP group
+    (group rank r holds experts [r·E/ep, (r+1)·E/ep)) and mapped back to HF's fused layout:
+        gate_up_proj (E, 2·ffn, hidden) = cat(w1 = gate, w3 = up, dim=1)
+        down_proj    (E, hidden, ffn)   = w2
+        mlp.router.gate.weight → mlp.gate.weight
+  * LoRA (peft): adapters are merged into the base weights (W + B·A·α/r) before saving.
+
+Parameters are written shard by shard (`max_shard_bytes`) so rank 0 never holds the whole model,
+into `<out>.tmp` renamed to `<out>` only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(w1|w2|w3)$")
+_LORA = re.compile(r"^(.*)\.lora_(A|B)\.default\.weight$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _is_autoep_expert(p) -> bool:
+    return getattr(p, "allreduce", True) is False and hasattr(p, "group_name")
+
+
+def _gather_full(p: torch.Tensor) -> torch.Tensor:
+    """The full tensor of one parameter on every rank (ZeRO-3 and AutoEP aware), detached, on CPU."""
+    if hasattr(p, "ds_id"):  # ZeRO-3 partitioned
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            full = p.data.detach().clone()
+    else:
+        full = p.data.detach().clone()
+    if _is_autoep_expert(p):
+        from deepspeed.utils import groups
+
+        group = groups._get_expert_parallel_group(p.group_name)
+        size = dist.get_world_size(group)
+        if size > 1:
+            parts = [torch.empty_like(full) for _ in range(size)]
+            dist.all_gather(parts, full.contiguous(), group=group)
+            full = torch.cat(parts, dim=0)
+    return full.cpu()
+
+
+def _hf_name(name: str) -> str:
+    for prefix in ("module.", "base_model.model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    name = name.replace(".base_layer.", ".").replace(".mlp.router.gate.", ".mlp.gate.")
+    return name
+
+
+class _ShardWriter:
+    def __init__(self, out: Path, max_shard_bytes: int):
+        self.out, self.max = out, max_shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.size + nbytes > self.max:
+            self.flush()
+        self.current[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        tmp_name = f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.current, str(self.out / tmp_name), metadata={"format": "pt"})
+        self.files.append((tmp_name, list(self.current)))
+        self.current, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.out / self.files[0][0], self.out / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (tmp_name, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / tmp_name, self.out / final)
+            weight_map.update({k: final for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer_file: str | Path | None = None,
+              dtype: torch.dtype | None = None, max_shard_bytes: int = 4 * 2**30, lora_scaling: float | None = None) -> None:
+    """Write `module` (an HF Mixtral, possibly under ZeRO-3 / AutoEP / peft) as an HF folder.
+
+    All ranks must call this; rank 0 writes. `lora_scaling` (α/r) is needed to merge peft adapters.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    writer = _ShardWriter(tmp, max_shard_bytes) if rank == 0 else None
+
+    params = list(module.named_parameters())
+    names = {n for n, _ in params}
+    pending_experts: dict[str, dict[str, torch.Tensor]] = {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, torch.Tensor] = {}
+    for name, p in params:
+        full = _gather_full(p)  # collective: every rank, same order
+        if rank != 0:
+            continue
+        if dtype is not None and full.is_floating_point():
+            full = full.to(dtype)
+        m = _LORA.match(name)
+        if m:
+            lora.setdefault(m.group(1), {})[m.group(2)] = full
+            _maybe_merge(m.group(1), lora, base_weights, writer, lora_scaling)
+            continue
+        if name.endswith(".base_layer.weight") or (name.endswith(".weight") and f"{name[:-7]}.lora_A.default.weight" in names):
+            base_weights[name.removesuffix(".weight").removesuffix(".base_layer")] = full
+            _maybe_merge(name.removesuffix(".weight").removesuffix(".base_layer"), lora, base_weights, writer, lora_scaling)
+            continue
+        m = _EXPERT.match(name)
+        if m:
+            block = pending_experts.setdefault(m.group(1), {})
+            block[m.group(2)] = full
+            if len(block) == 3:
+                prefix = _hf_name(m.group(1))
+                writer.add(f"{prefix}.gate_up_proj", torch.cat([block["w1"], block["w3"]], dim=1))
+                writer.add(f"{prefix}.down_proj", block["w2"])
+                del pending_experts[m.group(1)]
+            continue
+        hf = _hf_name(name)
+        if hf == "lm_head.weight" and getattr(hf_config, "tie_word_embeddings", False):
+            continue
+        writer.add(hf, full)
+
+    if rank == 0:
+        if pending_experts or lora or base_weights:
+            raise RuntimeError(f"export: unmatched pieces {list(pending_experts)[:3]} {list(lora)[:3]} {list(base_weights)[:3]}")
+        writer.finish()
+        config = hf_config.__class__.from_dict(hf_config.to_dict())
+        config.architectures = ["MixtralForCausalLM"]
+        config.use_cache = True
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(tmp)
+        if tokenizer_file is not None:
+            shutil.copy(tokenizer_file, tmp / "tokenizer.model")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _maybe_merge(key, lora, base_weights, writer, scaling) -> None:
+    """Write W + scaling · B @ A once the base weight and both adapter halves are present."""
+    if key in base_weights and key in lora and len(lora[key]) == 2:
+        if scaling is None:
+            raise ValueError("export: peft adapters found but no lora_scaling given")
+        w = base_weights.pop(key)
+        ab = lora.pop(key)
+        merged = (w.float() + scaling * (ab["B"].float() @ ab["A"].float())).to(w.dtype)
+        writer.add(_hf_name(key) + ".weight", merged)
+
+
+def verify_export(engine, out_dir: str | Path, check_file: str | Path, seq_len: int = 32, tol: float = 1e-4) -> float:
+    """Compare the live model's logits with the exported folder's on a fixed probe batch.
+
+    All ranks run the live forward (ZeRO-3/AutoEP need them); rank 0 reloads the export with
+    `AutoModelForCausalLM.from_pretrained` and saves {input_ids, live_logits, max_abs_diff} to
+    `check_file`. Raises if the difference exceeds `tol` (relative to the logits' scale).
+    """
+    from transformers import AutoModelForCausalLM
+
+    gen = torch.Generator().manual_seed(1234)
+    vocab = engine.module.config.vocab_size
+    ids = torch.randint(3, vocab, (2, seq_len), generator=gen)
+    was_training = engine.module.training
+    engine.eval()
+    with torch.no_grad():
+        live = engine(input_ids=ids.to(engine.device), use_cache=False).logits.float().cpu()
+    engine.train(was_training)
+    diff = 0.0
+    if _rank() == 0:
+        exported = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, trust_remote_code=False).eval()
+        with torch.no_grad():
+            ref = exported(ids).logits.float()
+        diff = (live - ref).abs().max().item()
+        scale = max(1.0, live.abs().max().item())
+        torch.save({"input_ids": ids, "live_logits": live, "max_abs_diff": diff}, check_file)
+        if diff > tol * scale:
+            raise RuntimeError(f"export check failed: exported logits differ from the live model by {diff:.3g}")
+    if dist.is_initialized():
+        dist.barrier()
+    return diff

@@ -1,0 +1,307 @@
+"""Small helpers the stage scripts share: distributed start, data rows, the engine,
+checkpoints, and metric logging. The training loops themselves live in each stage script.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from data.dataset import DataReport, GlobalBatches, load_canonical, pack_rows, tokenize
+from model.build import build_model, resolve_dtype
+from model.distributed import batch_arithmetic, deepspeed_config, mark_moe_leaf_modules, zero_stage
+from model.router import router_statistics
+from train.config import ConfigError, validate
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+@dataclass
+class Run:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    gas: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args) -> None:
+        if self.main:
+            print(*args, flush=True)
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_sum(self, value) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float64).clone()
+        if dist.is_initialized():
+            t = t.to(self.device) if self.device.type != "cpu" else t
+            dist.all_reduce(t)
+        return t.cpu()
+
+
+def start(cfg) -> Run:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU), validate the config, seed, banner."""
+    import deepspeed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        validate(cfg, world_size=world)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if "RANK" not in os.environ:  # plain `python train/sft.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), verbose=False)
+    rank = dist.get_rank()
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)
+    run = Run(rank=rank, world=world, local_rank=local_rank, device=device, dtype=resolve_dtype(cfg.precision),
+              out=Path(cfg.output_dir), gas=cfg.global_batch_size // (cfg.micro_batch_size * world))
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run.barrier()
+    run.print(f"[{cfg.stage}] {world} rank(s) on {device.type}, {run.dtype}, ZeRO-{zero_stage(cfg.deepspeed)}, "
+              f"expert_parallel_size={cfg.expert_parallel_size}")
+    run.print(f"[{cfg.stage}] batch: {batch_arithmetic(cfg, world)}")
+    return run
+
+
+def training_rows(cfg, kind: str, tokenizer, run: Run):
+    """Load, tokenize (rank 0 first, cached) and pack the training data; prints the data report."""
+    report = DataReport()
+    cache_dir = cfg.data.cache_dir or str(run.out / "cache")
+    rows = None
+    for turn in (0, 1):  # rank 0 fills the cache, then the others read it
+        if (turn == 0) == run.main:
+            records = load_canonical(cfg.data, kind, cfg.seed, skipped_path=run.out / "skipped.jsonl", report=report)
+            ds = tokenize(records, kind, tokenizer, cache_dir)
+            rows = pack_rows(zip(ds["input_ids"], ds["labels"]), cfg.max_seq_len, tokenizer.pad_id,
+                             packing=cfg.data.packing, overlong=cfg.data.overlong, kind=kind, report=report)
+        run.barrier()
+    for line in report.lines():
+        run.print(f"[{cfg.stage}] data: {line}")
+    if len(rows) < cfg.global_batch_size:
+        run.print(f"[{cfg.stage}] note: {len(rows)} rows < global_batch_size {cfg.global_batch_size}; rows repeat within a step")
+    return rows, report
+
+
+def lr_lambda(cfg):
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.optim.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_engine(cfg, model, run: Run):
+    """DeepSpeed engine with our AdamW and LR schedule (DeepSpeed steps both at accumulation boundaries)."""
+    import deepspeed
+
+    ds = deepspeed_config(cfg, run.world, run.dtype)
+    if zero_stage(ds) == 3 and cfg.expert_parallel_size == 1:
+        mark_moe_leaf_modules(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim.name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+def load_model(cfg, run: Run):
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), model_path=cfg.model_path,
+                        dtype=run.dtype, seed=cfg.seed)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def checkpoint_dir(run: Run) -> Path:
+    return run.out / "checkpoints"
+
+
+def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None) -> None:
+    """DeepSpeed checkpoint `step_<n>` with the data position and every rank's RNG states.
+    DeepSpeed writes `latest` only after the tag is complete; older tags beyond
+    `keep_checkpoints` are removed afterwards."""
+    tag = f"step_{step}"
+    ckpt = checkpoint_dir(run)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    (ckpt / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(rng, ckpt / tag / f"rng_rank{run.rank}.pt")
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"step": step, **(extra or {})})
+    run.barrier()
+    if run.main and cfg.keep_checkpoints > 0:
+        tags = sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+        for old in tags[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    run.barrier()
+
+
+def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
+    """Load the latest checkpoint when `resume=true`; returns (step to start at, client state)."""
+    ckpt = checkpoint_dir(run)
+    if not cfg.resume:
+        return 0, {}
+    if not (ckpt / "latest").is_file():
+        run.print(f"[{cfg.stage}] resume=true but no checkpoint in {ckpt}: starting from step 0")
+        return 0, {}
+    path, client = engine.load_checkpoint(str(ckpt))
+    if path is None:
+        raise RuntimeError(f"could not load the checkpoint in {ckpt}")
+    step = int(client["step"])
+    rng = torch.load(Path(path) / f"rng_rank{run.rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    run.print(f"[{cfg.stage}] resumed from {path} at step {step}")
+    return step, client
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+class Metrics:
+    """Rank 0's view of a run: tqdm bar, `<output_dir>/metrics.jsonl`, optional wandb, expert-load
+    bookkeeping (dead-expert warnings, heatmaps). Counts are reduced over ranks in `expert_load`."""
+
+    def __init__(self, cfg, run: Run, start_step: int, num_layers: int, num_experts: int):
+        self.cfg, self.run = cfg, run
+        self.path = run.out / "metrics.jsonl"
+        self.t0 = time.time()
+        self.last = time.time()
+        self.idle_steps = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self.wandb = None
+        self.bar = None
+        if not run.main:
+            return
+        if self.path.exists():  # keep exactly one line per step across resumes
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.stage, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty() and os.environ.get("MIXTRAL_TUNE_PROGRESS") != "1")
+        if cfg.logging.backend == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, mode=cfg.logging.mode,
+                                    dir=str(run.out), config=OmegaConf.to_container(cfg, resolve=True), resume="allow")
+
+    def expert_load(self, counts_LE: torch.Tensor) -> dict:
+        """All-reduce a step's assignment counts and return the statistics (all ranks call)."""
+        counts = counts_LE.to(torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        return router_statistics(counts)
+
+    def log(self, step: int, values: dict, stats: dict) -> None:
+        if not self.run.main:
+            return
+        now = time.time()
+        dt, self.last = now - self.last, now
+        values = {"step": step, **values, "tokens_per_s": values.get("tokens", 0) / max(dt, 1e-9),
+                  "step_time_s": dt, "elapsed_s": now - self.t0,
+                  "expert_load": stats["load"], "dead_experts": stats["dead_experts"],
+                  "max_share": stats["max_share"], "load_entropy": stats["load_entropy"]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(values) + "\n")
+        load = np.asarray(stats["load"])
+        self.idle_steps = np.where(load == 0, self.idle_steps + 1, 0)
+        n = self.cfg.logging.dead_expert_steps
+        for layer, expert in zip(*np.nonzero(self.idle_steps == n)):
+            self.bar.write(f"[{self.cfg.stage}] warning: layer {layer} expert {expert} received no token for {n} steps")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+            self.bar.update(step - self.bar.n)
+        if self.bar.disable and step % max(1, self.cfg.logging.log_every) == 0:  # no tty: plain lines
+            keys = [k for k in ("loss", "ce", "aux", "z", "rewards/accuracy", "rewards/margins") if k in values]
+            print(f"[{self.cfg.stage}] step {step}/{self.cfg.max_steps} "
+                  + " ".join(f"{k}={values[k]:.4f}" for k in keys)
+                  + f" lr={values.get('lr', 0):.2e} tok/s={values['tokens_per_s']:.0f}", flush=True)
+        if self.wandb is not None:
+            flat = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+            for layer, row in enumerate(stats["load"]):
+                flat[f"expert_load/layer{layer}_max_share"] = stats["max_share"][layer]
+                flat[f"expert_load/layer{layer}_dead"] = stats["dead_experts"][layer]
+            if step % max(1, self.cfg.logging.heatmap_every) == 0:
+                import wandb
+
+                flat["expert_load/heatmap"] = wandb.Image(load_heatmap(load, f"{self.cfg.stage} step {step}"))
+            self.wandb.log(flat, step=step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def load_heatmap(load_LE: np.ndarray, title: str, path: str | Path | None = None):
+    """Layers × experts heatmap of assignment fractions; returns the matplotlib figure (or saves it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    load_LE = np.asarray(load_LE)
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * load_LE.shape[1], 1 + 0.4 * load_LE.shape[0]))
+    im = ax.imshow(load_LE, vmin=0, vmax=max(2.0 / load_LE.shape[1], float(load_LE.max())), cmap="viridis", aspect="auto")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="fraction of assignments")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig
+
