@@ -192,17 +192,18 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
     if not (ckpt / "latest").is_file():
         run.print(f"[{cfg.stage}] resume=true but no checkpoint in {ckpt}: starting from step 0")
         return 0, {}
-    path, client = engine.load_checkpoint(str(ckpt))
+    tag = (ckpt / "latest").read_text().strip()
+    path, client = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
-        raise RuntimeError(f"could not load the checkpoint in {ckpt}")
+        raise RuntimeError(f"could not load checkpoint {ckpt / tag}")
     step = int(client["step"])
-    rng = torch.load(Path(path) / f"rng_rank{run.rank}.pt", weights_only=False)
+    rng = torch.load(ckpt / tag / f"rng_rank{run.rank}.pt", weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    run.print(f"[{cfg.stage}] resumed from {path} at step {step}")
+    run.print(f"[{cfg.stage}] resumed from {ckpt / tag} at step {step}")
     return step, client
 
 

@@ -1,0 +1,99 @@
+"""2-rank gloo runs of the pretrain and SFT stages on CPU: ZeRO-2, ZeRO-3 + expert parallelism,
+equivalence with one rank, resume, export."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from helpers import losses, metrics, run_stage
+
+pytestmark = pytest.mark.distributed
+
+# A repeated batch: 8 unpacked rows = exactly one global batch, seen every step.
+REPEATED = ["data.synthetic_samples=8", "data.packing=false", "max_seq_len=64", "global_batch_size=8",
+            "micro_batch_size=2", "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=3e-3"]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+@pytest.mark.parametrize("parallel", [["deepspeed=zero2"], ["deepspeed=zero3", "expert_parallel_size=2"]],
+                         ids=["zero2", "zero3_ep2"])
+def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
+    out = tmp_path / "run"
+    run_stage(stage, out, [f"recipe=tiny/{stage}", "max_steps=6", *REPEATED, *parallel])
+    ls = losses(out)
+    assert len(ls) == 6 and all(torch.isfinite(torch.tensor(ls)))
+    assert ls[-1] < ls[0] - 0.5, ls
+    m = metrics(out)[0]
+    for key in ("step", "loss", "ce", "aux", "z", "lr", "tokens", "grad_norm", "expert_load", "dead_experts"):
+        assert key in m
+    assert len(m["expert_load"]) == 2 and len(m["expert_load"][0]) == 8
+    # export: loads in transformers, every expert present, logits equal the live model's
+    model = AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=False).eval()
+    with safe_open(out / "hf" / "model.safetensors", "pt") as f:
+        gate_up = f.get_tensor("model.layers.0.mlp.experts.gate_up_proj")
+    assert gate_up.shape == (8, 256, 64)
+    assert all(gate_up[e].abs().sum() > 0 for e in range(8))
+    check = torch.load(out / "export_check.pt")
+    with torch.no_grad():
+        logits = model(check["input_ids"]).logits
+    assert torch.allclose(logits, check["live_logits"], atol=1e-4), (logits - check["live_logits"]).abs().max()
+    assert (out / "hf" / "tokenizer.model").is_file()
+
+
+def test_one_rank_equals_two_ranks_zero3_ep2(tmp_path):
+    """Same global batch, aux off, plain SGD (no Adam normalisation to hide a gradient-scale error):
+    1 rank ZeRO-0 with accumulation 4 vs 2 ranks ZeRO-3 + EP 2 with accumulation 2."""
+    common = ["recipe=tiny/sft", "max_steps=3", "router.aux_loss_coef=0", "optim.name=sgd", "optim.lr=5",
+              "optim.grad_clip=0", "optim.schedule=constant", "data.synthetic_samples=64", "max_seq_len=64",
+              "global_batch_size=8", "micro_batch_size=2"]
+    run_stage("sft", tmp_path / "one", [*common, "deepspeed=zero0"], nproc=1)
+    run_stage("sft", tmp_path / "two", [*common, "deepspeed=zero3", "expert_parallel_size=2"], nproc=2)
+    one, two = losses(tmp_path / "one", "ce"), losses(tmp_path / "two", "ce")
+    assert one[0] - one[1] > 0.3, one  # the first update really changes the model
+    assert one == pytest.approx(two, abs=2e-5, rel=0), (one, two)
+
+
+def test_resume_reproduces_later_losses(tmp_path):
+    args = ["recipe=tiny/sft", "max_steps=6", "checkpoint_every=3", "deepspeed=zero3", "expert_parallel_size=2",
+            "data.synthetic_samples=120", "max_seq_len=64", "verify_export=false"]
+    full = tmp_path / "full"
+    run_stage("sft", full, args)
+    # simulate a crash after the step-3 checkpoint: drop what came later, then resume
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step_6")
+    shutil.rmtree(crashed / "hf")
+    (crashed / "checkpoints" / "latest").write_text("step_3")
+    run_stage("sft", crashed, [*args, "resume=true"])
+    a, b = metrics(full), metrics(crashed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]  # bit-identical
+    assert [m["tokens"] for m in a] == [m["tokens"] for m in b]
+
+
+@pytest.mark.parametrize("name, fmt", [("alpaca_en_demo.json", "alpaca"), ("glaive_toolcall_en_demo.json", None),
+                                       ("identity.json", "auto")])
+def test_sft_on_real_demo_files(name, fmt, shared_data, tmp_path):
+    path = shared_data / "llama_factory_demo" / name
+    if fmt is None:  # tool-call chats have roles our [INST] v1 scheme cannot encode: skipped and reported
+        proc = run_stage("sft", tmp_path / "run", ["recipe=tiny/sft", f"data.path={path}", "data.on_error=skip",
+                                                   "max_steps=2", "max_seq_len=512", "verify_export=false"], nproc=1)
+        skipped = [json.loads(l) for l in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+        assert skipped and all(s["kind"] in ("unknown role", "invalid conversation") for s in skipped)
+        assert "skipped:" in proc.stdout
+        return
+    run_stage("sft", tmp_path / "run", ["recipe=tiny/sft", f"data.path={path}", f"data.format={fmt}",
+                                        "max_steps=2", "max_seq_len=512", "verify_export=false"], nproc=1)
+    assert len(losses(tmp_path / "run")) == 2
+
+
+def test_pretrain_on_real_c4_demo(shared_data, tmp_path):
+    path = shared_data / "llama_factory_demo" / "c4_demo.jsonl"
+    proc = run_stage("pretrain", tmp_path / "run", ["recipe=tiny/pretrain", f"data.path={path}", "max_steps=2",
+                                                    "verify_export=false"], nproc=1)
+    assert "over-long: split" in proc.stdout
+    assert len(losses(tmp_path / "run")) == 2

@@ -1,0 +1,83 @@
+"""Packing: no attention across documents, positions restart, labels never cross documents;
+the global batch order is independent of the world size."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from data.chat import IGNORE_INDEX
+from data.dataset import DataReport, GlobalBatches, encode_text, pack_rows
+from model.build import build_model
+from model.losses import token_ce_sum
+from train.config import compose
+
+
+@pytest.fixture(scope="module")
+def model():
+    preset = OmegaConf.to_container(compose("sft").model)
+    return build_model(preset, seed=0).eval()
+
+
+def test_packed_row_logits_equal_each_document_alone(model, tokenizer):
+    docs = [encode_text(t, tokenizer) for t in ["The grass is green.", "One two three four five six.", "Hi"]]
+    rows = pack_rows(docs, max_seq_len=40, pad_id=tokenizer.pad_id, kind="text")
+    assert len(rows) == 1
+    b = rows.batch([0])
+    with torch.no_grad():
+        packed = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[0]
+        at = 0
+        for ids, _ in docs:
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(packed[at:at + len(ids)], alone, atol=1e-5, rtol=1e-5)
+            at += len(ids)
+        # control: without the position restarts the second document *does* see the first
+        wrong = model(input_ids=b["input_ids"]).logits[0]
+        assert not torch.allclose(wrong[len(docs[0][0]):len(docs[0][0]) + 3], packed[len(docs[0][0]):len(docs[0][0]) + 3], atol=1e-3)
+
+
+def test_positions_restart_and_labels_stay_inside_documents(tokenizer):
+    docs = [encode_text("a b c", tokenizer), encode_text("d e", tokenizer)]
+    rows = pack_rows(docs, max_seq_len=20, pad_id=0, kind="text")
+    n0, n1 = len(docs[0][0]), len(docs[1][0])
+    pos = rows.position_ids[0]
+    assert list(pos[:n0]) == list(range(n0)) and list(pos[n0:n0 + n1]) == list(range(n1))
+    assert rows.labels[0, 0] == IGNORE_INDEX and rows.labels[0, n0] == IGNORE_INDEX  # each <s>
+    assert (rows.labels[0, n0 + n1:] == IGNORE_INDEX).all() and not rows.real_mask[0, n0 + n1:].any()
+    # the loss never asks the last token of document 1 to predict document 2's <s>
+    logits = torch.zeros(1, 20, 32000)
+    _, n = token_ce_sum(logits, torch.from_numpy(rows.labels).long())
+    assert n.item() == (n0 - 1) + (n1 - 1)
+
+
+def test_overlong_policies(tokenizer):
+    long_text = encode_text(" ".join(["word"] * 50), tokenizer)
+    report = DataReport()
+    rows = pack_rows([long_text], max_seq_len=16, pad_id=0, kind="text", report=report)
+    assert report.overlong["split"] == 1 and len(rows) >= 3
+    report = DataReport()
+    with pytest.raises(ValueError, match="every example was dropped"):
+        pack_rows([long_text], max_seq_len=16, pad_id=0, kind="text", overlong="drop", report=report)
+    assert report.overlong["dropped"] == 1
+    # a chat whose answer lies past the cut is dropped, not trained on prompt tokens alone
+    prompt_only = ([1] * 30 + [5, 6], [IGNORE_INDEX] * 30 + [5, 6])
+    report = DataReport()
+    rows = pack_rows([prompt_only, ([1, 2, 3], [IGNORE_INDEX, 2, 3])], max_seq_len=16, pad_id=0, report=report)
+    assert report.overlong["dropped (no answer left after truncation)"] == 1 and len(rows) == 1
+
+
+def test_no_packing_gives_one_example_per_row(tokenizer):
+    docs = [encode_text(t, tokenizer) for t in ["a", "b", "c"]]
+    assert len(pack_rows(docs, 32, 0, packing=False, kind="text")) == 3
+    assert len(pack_rows(docs, 32, 0, packing=True, kind="text")) == 1
+
+
+def test_global_batches_same_rows_for_any_world_size():
+    gb = GlobalBatches(num_rows=10, global_batch=4, seed=0)
+    for step in range(6):  # crosses epochs
+        one = sum(gb.micro_batches(step, 0, 1, 2), [])
+        two = sum(gb.micro_batches(step, 0, 2, 1), []) + sum(gb.micro_batches(step, 1, 2, 1), [])
+        assert one == two == gb.global_rows(step)
+    # every row once per epoch (10 rows, 4 per step: steps 0-1 and half of 2 are epoch 0)
+    seen = [r for s in range(5) for r in gb.global_rows(s)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
