@@ -141,7 +141,8 @@ def build_engine(cfg, model, run: Run):
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.optim.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # DeepSpeed drops empty groups
     if cfg.optim.name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr)
     else:

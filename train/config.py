@@ -236,9 +236,13 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("deepspeed: CPU offload needs ZeRO stage >= 1 (zero_optimization.stage is 0)")
     if zero.get("offload_param") and stage != 3:
         raise ConfigError("deepspeed: zero_optimization.offload_param needs ZeRO stage 3")
-    if cfg.lora.enabled and cfg.expert_parallel_size > 1 and cfg.lora.experts:
-        raise ConfigError("lora.experts=true with expert_parallel_size>1: AutoEP replaces the expert weights "
-                          "that peft would wrap; adapt attention only (lora.experts=false) or use expert_parallel_size=1")
+    if cfg.lora.enabled and cfg.expert_parallel_size > 1:
+        raise ConfigError("lora.enabled=true with expert_parallel_size>1: with every expert frozen, DeepSpeed's ZeRO "
+                          "optimizers find no trainable MoE parameter group under AutoEP and refuse to start; "
+                          "use expert_parallel_size=1 with deepspeed=zero3 to shard the frozen base instead")
+    if cfg.lora.enabled and cfg.lora.experts and stage == 3:
+        raise ConfigError("lora.experts=true with ZeRO-3: expert adapters are merged by peft, which needs the full "
+                          "expert weights in place; use deepspeed=zero2, or attention-only adapters (lora.experts=false)")
     if hasattr(cfg, "dpo"):
         _one_of("dpo.loss_type", cfg.dpo.loss_type, ("sigmoid", "ipo", "hinge", "robust"))
         _one_of("dpo.reference", cfg.dpo.reference, ("precomputed", "live", "adapters_off"))

@@ -25,6 +25,7 @@ from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.tokenizer import load_tokenizer
 from model.export import export_hf, verify_export
+from model.lora import apply_lora, lora_scaling, merged_for_export, save_adapter
 from model.losses import token_ce_sum
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
 from train import common
@@ -38,6 +39,8 @@ def main(cfg) -> None:
     tokenizer = load_tokenizer(cfg.model_path)
     rows, _ = common.training_rows(cfg, KIND, tokenizer, run)
     model = common.load_model(cfg, run)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
     engine = common.build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
@@ -96,7 +99,14 @@ def main(cfg) -> None:
         common.save_checkpoint(engine, cfg, run, step)
     if cfg.export:
         t0 = time.time()
-        export_hf(engine.module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype)
+        module, scaling = engine.module, None
+        if cfg.lora.enabled:
+            save_adapter(module, run.out / "adapter", run.main)
+            if cfg.lora.experts:
+                module = merged_for_export(module)  # peft merges expert adapters (ZeRO ≤ 2)
+            else:
+                scaling = lora_scaling(cfg.lora)    # export_hf merges W + B·A·scaling per gathered weight
+        export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling)
         run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
         if cfg.verify_export:
             diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt")

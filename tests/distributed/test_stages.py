@@ -97,3 +97,29 @@ def test_pretrain_on_real_c4_demo(shared_data, tmp_path):
                                                     "verify_export=false"], nproc=1)
     assert "over-long: split" in proc.stdout
     assert len(losses(tmp_path / "run")) == 2
+
+
+@pytest.mark.parametrize("zero, experts", [("zero3", False), ("zero2", True)])
+def test_lora_adapter_and_merged_export(zero, experts, tmp_path):
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+
+    from model.build import build_model
+    from train.config import compose
+
+    out = tmp_path / "run"
+    run_stage("sft", out, ["recipe=tiny/sft", "max_steps=4", *REPEATED, "lora.enabled=true", f"deepspeed={zero}",
+                           f"lora.experts={str(experts).lower()}", "optim.lr=1e-2"])
+    ls = losses(out)
+    assert ls[-1] < ls[0]
+    preset = OmegaConf.to_container(compose("sft", ["recipe=tiny/sft"]).model)
+    base = build_model(preset, seed=0).eval()
+    fresh = build_model(preset, seed=0).eval()
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = torch.randint(3, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+    # the adapters did change the model, and the router stayed frozen
+    assert not torch.allclose(merged.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.model.layers[0].mlp.gate.weight, fresh.model.layers[0].mlp.gate.weight)

@@ -59,6 +59,8 @@ def _error_text(overrides, world_size=None):
         (["model_path=/no/such/folder"], None, "model_path=/no/such/folder"),
         (["max_seq_len=100000"], None, "max_seq_len"),
         (["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"], None, "offload_param"),
+        (["lora.enabled=true", "expert_parallel_size=2"], None, "expert_parallel_size>1"),
+        (["lora.enabled=true", "lora.experts=true", "deepspeed=zero3"], None, "lora.experts=true with ZeRO-3"),
     ],
 )
 def test_config_errors_name_the_key(overrides, world_size, needle):

@@ -1,0 +1,66 @@
+"""LoRA (peft) wiring for Mixtral.
+
+Adapters go on the attention projections (`lora.target_modules`) and, with `lora.experts=true`,
+on the fused expert weights through peft's `target_parameters` (transformers 5 stores the
+experts as 3-D parameters `mlp.experts.gate_up_proj` (E, 2·ffn, hidden) and `down_proj`, so
+there are no per-expert Linear modules to target). The router stays frozen unless
+`lora.train_router=true` (a drifting router silently undoes the base model's load balance).
+
+What combines with what (checked in train.config.validate):
+  * ZeRO 0-3 with attention adapters. Under ZeRO-3 the frozen base is sharded (8x7B bf16:
+    93 GB / 8 GPUs ≈ 12 GB each) and the export gathers each weight and merges W + B·A·α/r itself.
+  * Expert adapters (`lora.experts=true`) need ZeRO 0-2: peft merges them (`merge_and_unload`).
+  * Not with expert parallelism: with every expert frozen, DeepSpeed's ZeRO optimizers find no
+    trainable MoE parameter group under AutoEP and refuse to start.
+
+Outputs: `<output_dir>/adapter/` in PEFT format (adapter_config.json + adapter_model.safetensors,
+loadable with `PeftModel.from_pretrained`), and the merged HF export in `<output_dir>/hf/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def apply_lora(model, lora_cfg):
+    """Wrap `model` with peft adapters; returns the PeftModel (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"] if lora_cfg.experts else None,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    if lora_cfg.train_router:
+        for name, p in peft_model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.requires_grad_(True)
+    return peft_model
+
+
+def lora_scaling(lora_cfg) -> float:
+    return lora_cfg.alpha / lora_cfg.r
+
+
+def save_adapter(peft_model, out_dir: str | Path, write: bool) -> None:
+    """PEFT-format adapter folder. All ranks call (under ZeRO-3 the adapters are gathered); `write` on rank 0."""
+    from model.export import _gather_full
+
+    state = {}
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name or (p.requires_grad and "mlp.gate" in name):
+            full = _gather_full(p)
+            if write:
+                state[name] = full
+    if write:
+        from peft import get_peft_model_state_dict
+
+        adapter_state = get_peft_model_state_dict(peft_model, state_dict=state)
+        peft_model.save_pretrained(str(out_dir), state_dict=adapter_state)
+
+
+def merged_for_export(peft_model):
+    """The plain HF model with adapters merged in (W + B·A·α/r), via peft itself."""
+    return peft_model.merge_and_unload()
