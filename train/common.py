@@ -275,9 +275,12 @@ class Metrics:
                 flat[f"expert_load/layer{layer}_max_share"] = stats["max_share"][layer]
                 flat[f"expert_load/layer{layer}_dead"] = stats["dead_experts"][layer]
             if step % max(1, self.cfg.logging.heatmap_every) == 0:
+                import matplotlib.pyplot as plt
                 import wandb
 
-                flat["expert_load/heatmap"] = wandb.Image(load_heatmap(load, f"{self.cfg.stage} step {step}"))
+                fig = load_heatmap(load, f"{self.cfg.stage} step {step}")
+                flat["expert_load/heatmap"] = wandb.Image(fig)
+                plt.close(fig)
             self.wandb.log(flat, step=step)
 
     def close(self) -> None:

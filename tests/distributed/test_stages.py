@@ -19,7 +19,8 @@ REPEATED = ["data.synthetic_samples=8", "data.packing=false", "max_seq_len=64", 
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
-@pytest.mark.parametrize("parallel", [["deepspeed=zero2"], ["deepspeed=zero3", "expert_parallel_size=2"]],
+@pytest.mark.parametrize("parallel", [["deepspeed=zero2"], ["deepspeed=zero3", "expert_parallel_size=2",
+                                      "router.global_batch=true", "router.z_loss_coef=1e-3"]],
                          ids=["zero2", "zero3_ep2"])
 def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
     out = tmp_path / "run"
