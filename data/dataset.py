@@ -30,6 +30,7 @@ import numpy as np
 from data import synthetic
 from data.chat import IGNORE_INDEX, encode_chat
 from data.formats import RecordError, canonical, read_records
+from data.preference import encode_pair, fit_pair
 
 CACHE_VERSION = "1"
 
@@ -123,6 +124,10 @@ def tokenize(records: list[dict], kind: str, tokenizer, cache_dir: str | Path, d
     ds = datasets.Dataset.from_list(records)
 
     def fn(batch):
+        if kind == "preference":
+            enc = [encode_pair({"prompt": p, "chosen": c, "rejected": r}, tokenizer)
+                   for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"])]
+            return {k: [e[k] for e in enc] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
         out = {"input_ids": [], "labels": []}
         rows = batch["text"] if kind == "text" else batch["messages"]
         for row in rows:
@@ -209,6 +214,21 @@ def pack_rows(seqs, max_seq_len: int, pad_id: int, packing: bool = True, overlon
     report.real_tokens = int(real.sum())
     report.label_tokens = int((labels_a != IGNORE_INDEX).sum())
     return Rows(input_ids, labels_a, position_ids, real)
+
+
+def fit_pairs(ds, max_seq_len: int, max_prompt_len: int | None, report: DataReport) -> list[dict]:
+    """Tokenized preference pairs after the over-long policy (data/preference.py), counted in `report`."""
+    pairs = []
+    for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]):
+        fitted = fit_pair(p, c, r, max_seq_len, max_prompt_len, report.overlong)
+        if fitted is not None:
+            pairs.append(dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), fitted)))
+    if not pairs:
+        raise ValueError("no training pairs: every pair was dropped (see max_seq_len and dpo.max_prompt_len)")
+    report.rows = len(pairs)
+    report.real_tokens = sum(2 * len(q["prompt_ids"]) + len(q["chosen_ids"]) + len(q["rejected_ids"]) for q in pairs)
+    report.label_tokens = sum(len(q["chosen_ids"]) + len(q["rejected_ids"]) for q in pairs)
+    return pairs
 
 
 class GlobalBatches:

@@ -44,6 +44,9 @@ def zero_stage(ds: dict) -> int:
 def batch_arithmetic(cfg, world_size: int) -> str:
     """Human-readable batch arithmetic, e.g. for the start-of-run banner."""
     gas = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+    if cfg.stage == "dpo":  # one row per pair, both answers in it
+        return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel ranks = "
+                f"{cfg.global_batch_size} preference pairs of ≤{cfg.max_seq_len} tokens per side")
     return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel ranks = "
             f"{cfg.global_batch_size} sequences of ≤{cfg.max_seq_len} tokens = "
             f"{cfg.global_batch_size * cfg.max_seq_len / 1000:.1f}k token slots/step")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.dataset import DataReport, GlobalBatches, load_canonical, pack_rows, tokenize
+from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, tokenize
 from model.build import build_model, resolve_dtype
 from model.distributed import batch_arithmetic, deepspeed_config, mark_moe_leaf_modules, zero_stage
 from model.router import router_statistics
@@ -105,8 +105,11 @@ def training_rows(cfg, kind: str, tokenizer, run: Run):
         if (turn == 0) == run.main:
             records = load_canonical(cfg.data, kind, cfg.seed, skipped_path=run.out / "skipped.jsonl", report=report)
             ds = tokenize(records, kind, tokenizer, cache_dir)
-            rows = pack_rows(zip(ds["input_ids"], ds["labels"]), cfg.max_seq_len, tokenizer.pad_id,
-                             packing=cfg.data.packing, overlong=cfg.data.overlong, kind=kind, report=report)
+            if kind == "preference":
+                rows = fit_pairs(ds, cfg.max_seq_len, cfg.dpo.max_prompt_len, report)
+            else:
+                rows = pack_rows(zip(ds["input_ids"], ds["labels"]), cfg.max_seq_len, tokenizer.pad_id,
+                                 packing=cfg.data.packing, overlong=cfg.data.overlong, kind=kind, report=report)
         run.barrier()
     for line in report.lines():
         run.print(f"[{cfg.stage}] data: {line}")
@@ -265,7 +268,7 @@ class Metrics:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
             self.bar.update(step - self.bar.n)
         if self.bar.disable and step % max(1, self.cfg.logging.log_every) == 0:  # no tty: plain lines
-            keys = [k for k in ("loss", "ce", "aux", "z", "rewards/accuracy", "rewards/margins") if k in values]
+            keys = [k for k in ("loss", "ce", "dpo", "aux", "z", "rewards/accuracy", "rewards/margins") if k in values]
             print(f"[{self.cfg.stage}] step {step}/{self.cfg.max_steps} "
                   + " ".join(f"{k}={values[k]:.4f}" for k in keys)
                   + f" lr={values.get('lr', 0):.2e} tok/s={values['tokens_per_s']:.0f}", flush=True)

@@ -1,0 +1,114 @@
+"""Preference pairs → token ids, and the one-row-per-pair layout the DPO stage trains on.
+
+A pair {prompt: messages ending with user, chosen: str, rejected: str} is encoded as
+    prompt   = data.chat.encode_prompt(prompt)          (<s> [INST] ... [/INST])
+    chosen   = enc(chosen) + </s>       rejected = enc(rejected) + </s>
+exactly the tokens `encode_chat(prompt + [assistant answer])` gives, split at the answer.
+
+Over-long pairs (prompt + longer answer > max_seq_len): the prompt is cut from the left
+(keeping <s>) down to `max_prompt_len` or until it fits, then the answers are cut from the
+right; both are counted. A pair needs at least one answer token on each side.
+
+Layout (`collate`): each pair is ONE row holding two segments,
+    [prompt chosen][prompt rejected][padding]
+with position ids restarting at 0 per segment, so transformers' packed-sequence masking keeps
+the segments from attending to each other: one forward computes both sides. `segment` is
+1 / 2 on the chosen / rejected answer tokens (0 elsewhere); `router_mask` is False on padding
+and on the rejected segment's copy of the prompt, so the shared prompt is counted once in the
+router losses (its router logits are identical in both copies).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from data.chat import IGNORE_INDEX, encode_prompt
+
+
+def encode_pair(pair: dict, tokenizer) -> dict:
+    return {
+        "prompt_ids": encode_prompt(pair["prompt"], tokenizer),
+        "chosen_ids": tokenizer.encode(pair["chosen"]) + [tokenizer.eos_id],
+        "rejected_ids": tokenizer.encode(pair["rejected"]) + [tokenizer.eos_id],
+    }
+
+
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_seq_len: int,
+             max_prompt_len: int | None, counts: Counter) -> tuple[list[int], list[int], list[int]] | None:
+    """Apply the over-long policy; returns None (and counts why) when nothing trainable is left.
+
+    1. The prompt is cut from the left (keeping <s>) to `max_prompt_len` when it is longer than that,
+       or — with no explicit limit — to max_seq_len // 2 when the pair does not fit.
+    2. Answers longer than the room left are cut from the right.
+    """
+    longest = max(len(chosen), len(rejected))
+    limit = max_prompt_len if max_prompt_len is not None else (
+        max_seq_len // 2 if len(prompt) + longest > max_seq_len else len(prompt))
+    if len(prompt) > limit:
+        prompt = prompt[:1] + prompt[len(prompt) - limit + 1:]
+        counts["prompt truncated (left)"] += 1
+    room = max_seq_len - len(prompt)
+    if room < 1:
+        counts["dropped (prompt alone fills max_seq_len)"] += 1
+        return None
+    if longest > room:
+        chosen, rejected = chosen[:room], rejected[:room]
+        counts["answers truncated (right)"] += 1
+        if chosen == rejected:
+            counts["dropped (answers identical after truncation)"] += 1
+            return None
+    return prompt, chosen, rejected
+
+
+def collate(pairs: list[dict], pad_id: int) -> dict:
+    """Rows for a micro-batch of fitted pairs (each with prompt_ids/chosen_ids/rejected_ids), `(B, L)`."""
+    seqs = []
+    for p in pairs:
+        a = p["prompt_ids"] + p["chosen_ids"]
+        b = p["prompt_ids"] + p["rejected_ids"]
+        seqs.append((p, a, b))
+    width = max(len(a) + len(b) for _, a, b in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    segment = torch.zeros((B, width), dtype=torch.long)
+    router_mask = torch.zeros((B, width), dtype=torch.bool)
+    for r, (p, a, b) in enumerate(seqs):
+        n_p = len(p["prompt_ids"])
+        at = 0
+        for seg, ids in ((1, a), (2, b)):
+            n = len(ids)
+            input_ids[r, at:at + n] = torch.tensor(ids)
+            labels[r, at + n_p:at + n] = torch.tensor(ids[n_p:])
+            segment[r, at + n_p:at + n] = seg
+            position_ids[r, at:at + n] = torch.arange(n)
+            router_mask[r, at + (n_p if seg == 2 else 0):at + n] = True
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "segment": segment, "router_mask": router_mask}
+
+
+def pair_logps(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, segment_BL: torch.Tensor):
+    """Summed log-probs of the chosen and rejected answers, and their token counts, each `(B,)`.
+
+    Only labelled positions are gathered (N of them), so no `(B, L, V)` fp32 log-softmax is built.
+    """
+    targets = labels_BL[:, 1:]
+    seg = segment_BL[:, 1:]
+    sel = targets != IGNORE_INDEX
+    logits_NV = logits_BLV[:, :-1][sel].float()
+    logp_N = torch.gather(logits_NV.log_softmax(-1), 1, targets[sel].unsqueeze(1)).squeeze(1)
+    rows_N = torch.nonzero(sel, as_tuple=True)[0]
+    seg_N = seg[sel]
+    B = labels_BL.shape[0]
+    out = []
+    for s in (1, 2):
+        m = (seg_N == s).to(logp_N.dtype)
+        out.append(torch.zeros(B, dtype=logp_N.dtype, device=logp_N.device).index_add(0, rows_N, logp_N * m))
+        out.append(torch.zeros(B, dtype=logp_N.dtype, device=logp_N.device).index_add(0, rows_N, m))
+    chosen, n_chosen, rejected, n_rejected = out
+    return chosen, rejected, n_chosen, n_rejected

@@ -1,0 +1,104 @@
+"""DPO-family losses against the papers' formulas and against TRL's DPOTrainer itself."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.preference import collate, encode_pair, pair_logps
+from model.losses import dpo_loss
+
+TYPES = ["sigmoid", "ipo", "hinge", "robust"]
+
+
+def _rand(seed=0, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return [-(torch.rand(n, generator=g, dtype=torch.float64) * 50) for _ in range(4)]
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_formulas_on_random_inputs(label_smoothing):
+    pc, pr, rc, rr = _rand()
+    beta, eps = 0.3, label_smoothing
+    h = (pc - pr) - (rc - rr)
+    expected = {
+        "sigmoid": -F.logsigmoid(beta * h) * (1 - eps) - F.logsigmoid(-beta * h) * eps,   # DPO eq. 7 + cDPO
+        "robust": (-F.logsigmoid(beta * h) * (1 - eps) + F.logsigmoid(-beta * h) * eps) / (1 - 2 * eps),
+        "hinge": torch.clamp(1 - beta * h, min=0),
+        "ipo": (h - 1 / (2 * beta)) ** 2,
+    }
+    for t in TYPES:
+        losses, rc_, rr_ = dpo_loss(pc, pr, rc, rr, beta, t, eps)
+        torch.testing.assert_close(losses, expected[t])
+        torch.testing.assert_close(rc_, beta * (pc - rc))
+        torch.testing.assert_close(rr_, beta * (pr - rr))
+
+
+def test_policy_equal_reference_gives_ln2():
+    pc, pr, _, _ = _rand()
+    losses, c, r = dpo_loss(pc, pr, pc, pr, beta=0.1)
+    assert torch.allclose(losses, torch.full_like(losses, math.log(2)))
+    assert (c == 0).all() and (r == 0).all()
+
+
+def test_pair_layout_logps_equal_separate_forwards(tokenizer):
+    """The one-row, two-segment layout gives exactly the log-probs of two separate sequences."""
+    from omegaconf import OmegaConf
+
+    from model.build import build_model
+    from train.config import compose
+
+    model = build_model(OmegaConf.to_container(compose("sft").model), seed=0).eval()
+    pair = encode_pair({"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4.", "rejected": "It is 5."},
+                       tokenizer)
+    b = collate([pair, pair], tokenizer.pad_id)
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+        c, r, nc, nr = pair_logps(out, b["labels"], b["segment"])
+        for ans, got, n in (("chosen_ids", c, nc), ("rejected_ids", r, nr)):
+            ids = torch.tensor([pair["prompt_ids"] + pair[ans]])
+            logp = model(ids).logits[0, :-1].log_softmax(-1)
+            want = sum(logp[i - 1, ids[0, i]] for i in range(len(pair["prompt_ids"]), ids.shape[1]))
+            torch.testing.assert_close(got[0].double(), want.double(), atol=1e-4, rtol=1e-5)
+            assert n[0] == len(pair[ans])
+    # the router mask counts the shared prompt once: chosen segment whole, rejected answer only
+    assert b["router_mask"][0].sum() == len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+
+
+@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)])
+def test_matches_trl_dpo_trainer(loss_type, eps, tokenizer, tmp_path):
+    """TRL's DPOTrainer._compute_loss on the same model, reference and token ids."""
+    import datasets
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, LlamaTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from model.build import build_model
+    from train.config import compose
+
+    preset = OmegaConf.to_container(compose("sft").model)
+    build_model(preset, seed=0).save_pretrained(tmp_path / "policy")
+    build_model(preset, seed=1).save_pretrained(tmp_path / "ref")
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "ref").eval()
+    hf_tok = LlamaTokenizer(vocab_file=str(tokenizer.path), legacy=True)
+    hf_tok.pad_token = hf_tok.unk_token
+    pairs = [encode_pair({"prompt": [{"role": "user", "content": q}], "chosen": c, "rejected": r}, tokenizer)
+             for q, c, r in [("What is 2 + 2?", "4.", "It is 5."), ("Capital of Peru?", "Lima.", "Quito, I think.")]]
+    dummy = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                     beta=0.2, loss_type=[loss_type], label_smoothing=eps, precompute_ref_log_probs=False,
+                     router_aux_loss_coef=0.0)  # compare the preference loss alone (no HF aux term)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dummy, processing_class=hf_tok)
+    batch = trainer.data_collator([{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in pairs])
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(trainer.model, batch, False)
+        b = collate(pairs, tokenizer.pad_id)
+        pc, pr, nc, nr = pair_logps(policy(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits, b["labels"], b["segment"])
+        rc, rr, _, _ = pair_logps(ref(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits, b["labels"], b["segment"])
+    if loss_type == "ipo":
+        pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+    ours = dpo_loss(pc, pr, rc, rr, 0.2, loss_type, eps)[0].mean()
+    assert abs(ours.item() - math.log(2)) > 1e-3 or loss_type == "hinge"  # a non-trivial comparison
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-4, abs=1e-5)

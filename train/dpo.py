@@ -1,0 +1,151 @@
+"""Direct preference optimisation of Mixtral (DPO / IPO / hinge / robust), MoE-aware, on DeepSpeed
+ZeRO with expert parallelism.
+
+    torchrun --nproc_per_node 2 train/dpo.py recipe=tiny/dpo model_path=outputs/tiny/sft/hf      # CPU
+    torchrun --nproc_per_node 8 train/dpo.py recipe=mixtral_8x7b/dpo model_path=<sft>/hf         # 8 GPUs
+
+Data: {prompt, chosen, rejected} strings, UltraFeedback-style message lists, sharegpt with
+chosen/rejected, or HH-RLHF transcripts (data/formats.py) → one row per pair holding both answers
+as isolated segments (data/preference.py): ONE forward gives both log-probs.
+
+Loss per optimizer step over the G pairs of the global batch (model/losses.py for the formulas):
+    logp(y|x) = Σ_(answer tokens incl. </s>) log π(token)        (IPO: averaged over the tokens)
+    dpo  = (1/G) Σ_pairs dpo_loss(logp_π(y_w), logp_π(y_l), logp_ref(y_w), logp_ref(y_l))
+    nll  = −Σ_(chosen tokens) log π / (number of chosen tokens)  (RPO-style, when dpo.sft_weight > 0)
+    loss = dpo + dpo.sft_weight · nll + router.aux_loss_coef · aux + router.z_loss_coef · z
+aux and z are taken on the policy pass with the shared prompt counted once. With policy == reference
+the first loss is ln 2 ≈ 0.6931 (sigmoid).
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+import torch
+
+from data.dataset import GlobalBatches
+from data.preference import collate, pair_logps
+from data.tokenizer import load_tokenizer
+from model.export import export_hf, verify_export
+from model.lora import apply_lora, lora_scaling, merged_for_export, save_adapter
+from model.losses import dpo_loss
+from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
+from train import common, reference
+
+
+@hydra.main(config_path=common.CONFIG_DIR, config_name="dpo", version_base="1.3")
+def main(cfg) -> None:
+    run = common.start(cfg)
+    tokenizer = load_tokenizer(cfg.model_path)
+    pairs, _ = common.training_rows(cfg, "preference", tokenizer, run)
+    model = common.load_model(cfg, run)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    engine = common.build_engine(cfg, model, run)
+    recorder = RouterLogitsRecorder(engine.module)
+    top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
+    balance = ExpertLoadAccumulator(top_k) if cfg.router.global_batch else None
+    batches = GlobalBatches(len(pairs), cfg.global_batch_size, cfg.seed)
+    step, _ = common.maybe_resume(engine, cfg, run)
+
+    ref_table, ref_engine = None, None
+    if cfg.dpo.reference == "precomputed":
+        if step > 0:  # resumed: the cache was written from the starting weights before step 1
+            ref_table = reference.precomputed(None, cfg, run, pairs, tokenizer)
+        else:
+            ref_table = reference.precomputed(engine, cfg, run, pairs, tokenizer, adapters_off=cfg.lora.enabled)
+    elif cfg.dpo.reference == "live":
+        ref_engine = reference.live_engine(cfg, run, common.load_model(cfg, run))
+    metrics = common.Metrics(cfg, run, step, recorder.num_layers, num_experts)
+    beta, ipo = cfg.dpo.beta, cfg.dpo.loss_type == "ipo"
+
+    engine.train()
+    while step < cfg.max_steps:
+        index = batches.micro_batches(step, run.rank, run.world, cfg.micro_batch_size)
+        micro_batches = [collate([pairs[i] for i in ix], tokenizer.pad_id) for ix in index]
+        n_chosen_tokens = run.all_sum(sum(int((b["segment"] == 1).sum()) for b in micro_batches))
+        sums = torch.zeros(7, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll
+        aux_total = z_total = 0.0
+        counts_LE = torch.zeros(recorder.num_layers, num_experts, dtype=torch.float64)
+        for ix, b in zip(index, micro_batches):
+            b = {k: v.to(run.device) for k, v in b.items()}
+            with recorder:
+                out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+            pol_c, pol_r, n_c, n_r = pair_logps(out.logits, b["labels"], b["segment"])
+            with torch.no_grad():
+                if ref_table is not None:
+                    ref_c, ref_r = ref_table[ix, 0].to(pol_c), ref_table[ix, 1].to(pol_c)
+                elif ref_engine is not None:
+                    ref_out = ref_engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+                    ref_c, ref_r, _, _ = pair_logps(ref_out.logits, b["labels"], b["segment"])
+                else:  # adapters_off
+                    with engine.module.disable_adapter():
+                        ref_out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+                    ref_c, ref_r, _, _ = pair_logps(ref_out.logits, b["labels"], b["segment"])
+            if ipo:  # IPO compares per-token averages
+                pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
+            losses, r_chosen, r_rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, cfg.dpo.loss_type,
+                                                    cfg.dpo.label_smoothing)
+            nll = -(pol_c * (n_c if ipo else 1)).sum() / n_chosen_tokens.to(pol_c)
+            mask = b["router_mask"].reshape(-1)
+            if balance is not None:
+                balance.add(recorder.logits, mask)
+            aux = load_balancing_loss(recorder.logits, top_k, mask, balance.fraction() if balance else None)
+            z = z_loss(recorder.logits, mask)
+            pref = losses.sum() / cfg.global_batch_size
+            # DeepSpeed divides gradients by the accumulation steps and averages them over ranks;
+            # `pref` and `nll` are this micro-batch's shares of global means, so scale them back by both.
+            loss = (pref + cfg.dpo.sft_weight * nll) * (run.gas * run.world) \
+                + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
+            engine.backward(loss)
+            engine.step()
+            sums += torch.tensor([losses.sum().item(), r_chosen.sum().item(), r_rejected.sum().item(),
+                                  (r_chosen > r_rejected).float().sum().item(), pol_c.sum().item(),
+                                  pol_r.sum().item(), nll.item()], dtype=torch.float64)
+            aux_total += aux.item() / run.gas
+            z_total += z.item() / run.gas
+            counts_LE += expert_counts(recorder.logits, top_k, mask).cpu().double()
+        if balance is not None:
+            balance.reset()
+        step += 1
+
+        g = run.all_sum(sums)
+        G = cfg.global_batch_size
+        aux_step, z_step = float(run.all_sum(aux_total)) / run.world, float(run.all_sum(z_total)) / run.world
+        stats = metrics.expert_load(counts_LE)
+        metrics.log(step, {
+            "loss": float(g[0] / G + cfg.dpo.sft_weight * g[6]) + cfg.router.aux_loss_coef * aux_step
+                    + cfg.router.z_loss_coef * z_step,
+            "dpo": float(g[0] / G), "nll": float(g[6]), "aux": aux_step, "z": z_step,
+            "rewards/chosen": float(g[1] / G), "rewards/rejected": float(g[2] / G),
+            "rewards/margins": float((g[1] - g[2]) / G), "rewards/accuracy": float(g[3] / G),
+            "logps/chosen": float(g[4] / G), "logps/rejected": float(g[5] / G),
+            "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens": int(run.all_sum(sum(int((b["input_ids"] != tokenizer.pad_id).sum()) for b in micro_batches))),
+            "pairs": G, "epoch": batches.epoch(step),
+        }, stats)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            common.save_checkpoint(engine, cfg, run, step)
+
+    metrics.close()
+    if cfg.checkpoint_every:
+        common.save_checkpoint(engine, cfg, run, step)
+    if cfg.export:
+        t0 = time.time()
+        module, scaling = engine.module, None
+        if cfg.lora.enabled:
+            save_adapter(module, run.out / "adapter", run.main)
+            if cfg.lora.experts:
+                module = merged_for_export(module)
+            else:
+                scaling = lora_scaling(cfg.lora)
+        export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling)
+        run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
+        if cfg.verify_export:
+            diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt")
+            run.print(f"[{cfg.stage}] export check: max |logits(export) - logits(live)| = {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The DPO reference model, three ways (`dpo.reference`):
+
+* precomputed (default): before training, one no-grad pass of the starting weights (which ARE the
+  reference: DPO starts with policy == reference) over every training pair; the summed answer
+  log-probs are cached at `<cache_dir>/ref-logps-<key>.pt`, keyed by the tokenized pairs, the
+  tokenizer and the reference weights. No reference model sits in memory while training, and a
+  rerun (or a resume) reads the cache.
+* live: a second, frozen DeepSpeed engine (ZeRO-3 inference when the policy uses ZeRO-3) runs
+  each micro-batch beside the policy.
+* adapters_off (LoRA): the policy itself with its adapters disabled.
+
+Every rank runs the same number of forwards (the last ones repeat pairs and are discarded), as
+ZeRO-3 parameter gathering and expert-parallel all-to-all need all ranks in every forward.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data.dataset import fingerprint, file_sha
+from data.preference import collate, pair_logps
+
+
+def weights_fingerprint(cfg) -> dict:
+    """Identity of the starting weights: the HF folder's weight files, or the preset and seed."""
+    if cfg.model_path and os.path.isdir(cfg.model_path):
+        files = sorted(Path(cfg.model_path).glob("*.safetensors"))
+        return {"path": os.path.abspath(cfg.model_path),
+                "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    if cfg.model_path:
+        return {"hub": cfg.model_path}
+    from omegaconf import OmegaConf
+
+    return {"preset": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.seed}
+
+
+@torch.no_grad()
+def compute_logps(engine, pairs: list[dict], micro: int, pad_id: int, rank: int, world: int, device,
+                  adapters_off: bool = False, desc: str = "reference log-probs") -> torch.Tensor:
+    """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights."""
+    n = len(pairs)
+    table = torch.zeros(n, 2, dtype=torch.float64)
+    per_rank = math.ceil(n / world)
+    iters = math.ceil(per_rank / micro)
+    mine = [(rank + world * i) % n for i in range(iters * micro)]  # equal work on every rank
+    was_training = engine.module.training
+    engine.eval()
+    from tqdm import tqdm
+
+    seen = set()
+    for it in tqdm(range(iters), desc=desc, disable=rank != 0, dynamic_ncols=True):
+        ix = mine[it * micro:(it + 1) * micro]
+        b = {k: v.to(device) for k, v in collate([pairs[i] for i in ix], pad_id).items()}
+        if adapters_off:
+            with engine.module.disable_adapter():
+                out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+        else:
+            out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+        chosen, rejected, _, _ = pair_logps(out.logits, b["labels"], b["segment"])
+        for j, i in enumerate(ix):
+            if i not in seen and (i % world) == rank:
+                table[i, 0], table[i, 1] = chosen[j].double().cpu(), rejected[j].double().cpu()
+                seen.add(i)
+    engine.train(was_training)
+    if dist.is_initialized():
+        dist.all_reduce(table)
+    return table
+
+
+def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bool = False) -> torch.Tensor:
+    """Cached reference log-probs for every pair (computed on first use)."""
+    cache_dir = Path(cfg.data.cache_dir or run.out / "cache")
+    key = fingerprint("ref-logps", file_sha(tokenizer.path), weights_fingerprint(cfg), cfg.precision, pairs)
+    path = cache_dir / f"ref-logps-{key}.pt"
+    if path.is_file():
+        run.print(f"[{cfg.stage}] reference log-probs: loaded from cache {path}")
+        return torch.load(path, weights_only=True)
+    if engine is None:
+        raise RuntimeError(f"resuming a DPO run whose reference cache {path} is missing: the reference must come from "
+                           "the starting weights; rerun from step 0 (resume=false) or restore the cache")
+    table = compute_logps(engine, pairs, cfg.micro_batch_size, tokenizer.pad_id, run.rank, run.world, run.device,
+                          adapters_off=adapters_off)
+    if run.main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(table, tmp)
+        os.replace(tmp, path)
+        run.print(f"[{cfg.stage}] reference log-probs: computed for {len(pairs)} pairs, cached at {path}")
+    run.barrier()
+    return table
+
+
+def live_engine(cfg, run, model):
+    """A frozen DeepSpeed engine around `model` for the live reference (ZeRO-3 inference if the policy uses it)."""
+    import deepspeed
+
+    from model.distributed import deepspeed_config, zero_stage
+
+    ds = deepspeed_config(cfg, run.world, run.dtype)
+    ref_ds = {k: ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                 "bf16", "fp16") if k in ds}
+    ref_ds["zero_optimization"] = {"stage": 3 if zero_stage(ds) == 3 else 0}
+    if "expert_parallel" in ds:
+        ref_ds["expert_parallel"] = ds["expert_parallel"]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ref_ds)
+    engine.eval()
+    return engine
