@@ -3,15 +3,19 @@
 Three skills a tiny Mixtral can learn in minutes on CPU, used by the tiny recipes and the
 embedded default (`data.path=synthetic`):
 
-* arithmetic:   "What is 23 + 14?" → "23 + 14 = 37."
+* arithmetic:   "What is 3 + 4?" → "3 + 4 = 7."            (operands 0..ARITH_MAX)
 * capitals:     "What is the capital of Peru?" → "The capital of Peru is Lima."
-* passkey:      the eval protocol's structure (filler, "The pass key is K. Remember it. K is
-                the pass key.", more filler, the question) with generated filler sentences
+* passkey:      the eval protocol's structure (task line, filler, "The pass key is K. Remember it.
+                K is the pass key.", more filler, the question, the key) with the protocol's filler
+                or generated filler sentences
 
-`pretrain_texts` writes them as plain documents, `sft_chats` as [INST] conversations and
-`preference_pairs` as (prompt, correct answer, plausible wrong answer). `split="heldout"`
-draws from a disjoint set of problems (different seeds for passkeys; arithmetic operand pairs
-and capital questions reserved by a hash), so held-out accuracy measures generalisation.
+The curriculum is built so each stage has something measurable to learn:
+  pretraining states EVERY fact (all sums, all capitals) as plain text, plus passkey documents;
+  SFT teaches the question → answer chat format on the "train" problems only;
+  held-out prompts (`split="heldout"`, ~20% of problems reserved by a stable hash) ask about facts
+  the model read during pretraining but never saw as a chat — exact match on them measures
+  whether SFT taught the format rather than memorised answers;
+  DPO pairs (correct answer vs a plausible wrong one) use the same split.
 """
 
 from __future__ import annotations
@@ -41,43 +45,57 @@ def _heldout(key: str) -> bool:
     return zlib.crc32(key.encode()) % 5 == 0
 
 
+ARITH_MAX = 9
+
+
 def _arith(rng: random.Random, split: str) -> tuple[str, str]:
+    """A sum from `split` ("train", "heldout", or "all")."""
     while True:
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
-        if _heldout(f"{a}+{b}") == (split == "heldout"):
+        a, b = rng.randint(0, ARITH_MAX), rng.randint(0, ARITH_MAX)
+        if split == "all" or _heldout(f"{a}+{b}") == (split == "heldout"):
             return f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
 
 
 def _capital(rng: random.Random, split: str) -> tuple[str, str, str]:
-    pool = [(c, k) for c, k in CAPITALS if _heldout(c) == (split == "heldout")]
+    pool = [(c, k) for c, k in CAPITALS if split == "all" or _heldout(c) == (split == "heldout")]
     country, capital = rng.choice(pool)
     return country, capital, f"What is the capital of {country}?"
 
 
+COLOURS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
+THINGS = ["grass", "sky", "sun", "sea", "road", "house", "tree", "car", "cat", "door"]
+
+
+def _generated_filler(rng: random.Random) -> str:
+    return " ".join(f"The {rng.choice(THINGS)} is {rng.choice(COLOURS)}." for _ in range(rng.randint(2, 5)))
+
+
 def passkey_document(rng: random.Random, n_filler: int, depth: float, key: int | None = None) -> tuple[str, int]:
-    """Filler × n with the passkey sentence at `depth` (0 = start, 1 = end), then the question."""
+    """The eval protocol's layout (task, filler × n with the needle at `depth`, question), with the
+    protocol's filler sentence or generated ones (half each); returns (text, key)."""
     key = key if key is not None else rng.randint(10000, 99999)
     before = round(n_filler * depth)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    parts = [PASSKEY_TASK] + [FILLER] * before + [needle] + [FILLER] * (n_filler - before) + [PASSKEY_QUESTION]
-    return " ".join(parts), key
+    filler = (lambda: FILLER) if rng.random() < 0.5 else (lambda: _generated_filler(rng))
+    prefix = " ".join(filler() for _ in range(before))
+    suffix = " ".join(filler() for _ in range(n_filler - before))
+    return "\n".join(p for p in (PASSKEY_TASK, prefix, needle, suffix, PASSKEY_QUESTION) if p), key
 
 
-def pretrain_texts(n: int, seed: int = 0, max_filler: int = 8) -> list[str]:
-    """Plain documents mixing the three skills (answers included)."""
+def pretrain_texts(n: int, seed: int = 0, max_filler: int = 8, passkey_share: float = 1 / 3) -> list[str]:
+    """Plain documents: lists of sums and capital facts (all of them, train and held-out) and
+    passkey documents answered with the key."""
     rng = random.Random(seed)
     docs = []
     for i in range(n):
-        kind = i % 3
-        if kind == 0:
-            lines = [_arith(rng, "train")[1] for _ in range(rng.randint(3, 8))]
-            docs.append(" ".join(lines))
-        elif kind == 1:
-            facts = [f"The capital of {c} is {k}." for c, k, _ in (_capital(rng, "train") for _ in range(rng.randint(3, 8)))]
-            docs.append(" ".join(facts))
-        else:
+        if rng.random() < passkey_share:
             text, key = passkey_document(rng, rng.randint(1, max_filler), rng.random())
             docs.append(f"{text} {key}.")
+        elif i % 2 == 0:
+            docs.append(" ".join(_arith(rng, "all")[1] for _ in range(rng.randint(3, 8))))
+        else:
+            facts = (_capital(rng, "all") for _ in range(rng.randint(3, 8)))
+            docs.append(" ".join(f"The capital of {c} is {k}." for c, k, _ in facts))
     return docs
 
 

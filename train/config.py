@@ -271,3 +271,40 @@ def compose(stage: str, overrides: list[str] | None = None):
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name=stage, overrides=list(overrides or []))
+
+
+@dataclass
+class PipelineStage:
+    recipe: str = MISSING
+    max_steps: int = MISSING
+    overrides: list[str] = field(default_factory=list)   # extra key=value for the stage command
+
+
+@dataclass
+class PipelineMTBench:
+    questions: Optional[str] = None      # FastChat question.jsonl; answers are generated when set
+    max_new_tokens: int = 64
+    limit: Optional[int] = None
+    judge_base_url: Optional[str] = None
+    judge_model: str = "gpt-4"
+    judge_api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "outputs/pipeline"
+    force: bool = False                  # redo stages that already finished
+    nproc: int = 2                       # torchrun --nproc_per_node for every stage
+    model: str = "tiny"
+    seed: int = 0
+    pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="tiny/pretrain", max_steps=300))
+    sft: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="tiny/sft", max_steps=150))
+    dpo: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="tiny/dpo", max_steps=60))
+    heldout: int = 100                   # held-out prompts / pairs / documents per measurement
+    passkey_lengths: list[int] = field(default_factory=lambda: [128, 256])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 5
+    mt_bench: PipelineMTBench = field(default_factory=PipelineMTBench)
+
+
+ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)

@@ -1,0 +1,65 @@
+"""One TRL SFTTrainer run for bench/sft_vs_trl.py (a separate process, so its peak RSS is its own).
+
+Reads the same token ids our stage trains on (input_ids + assistant-only labels), so both sides
+see identical examples; prints one JSON line with tokens/s, loss and peak RSS.
+"""
+
+import json
+import resource
+import sys
+import time
+
+import datasets
+import torch
+from transformers import AutoModelForCausalLM, LlamaTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+args = json.loads(sys.argv[1])
+rows = [json.loads(l) for l in open(args["data"])]
+ds = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(l != -100) for l in r["labels"]]}
+                                 for r in rows])
+tok = LlamaTokenizer(vocab_file=args["tokenizer"], legacy=True)
+tok.pad_token = tok.unk_token
+model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+model.config.output_router_logits = False  # HF aux off on both sides' comparison of ce (ours: aux_loss_coef=0)
+
+
+class Clock(TrainerCallback):
+    def __init__(self):
+        self.t0 = None
+        self.losses = []
+
+    def on_step_begin(self, a, state, control, **kw):
+        if state.global_step == 1 and self.t0 is None:  # skip step 0 (warm-up) like ours
+            self.t0 = time.time()
+
+    def on_log(self, a, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+clock = Clock()
+cfg = SFTConfig(output_dir=args["out"], per_device_train_batch_size=args["micro"],
+                gradient_accumulation_steps=args["gas"], max_steps=args["steps"], learning_rate=args["lr"],
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+                max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                max_length=args["max_len"], packing=args["packing"], padding_free=args["padding_free"],
+                completion_only_loss=True, dataloader_num_workers=0, seed=0, data_seed=0,
+                dataset_kwargs={"skip_prepare_dataset": False})
+trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock])
+seen = []  # label tokens of every micro-batch the trainer collates
+collate = trainer.data_collator
+
+
+def counting_collator(examples):
+    batch = collate(examples)
+    seen.append(int((batch["labels"][:, 1:] != -100).sum()))
+    return batch
+
+
+trainer.data_collator = counting_collator
+trainer.train()
+elapsed = time.time() - clock.t0
+label_tokens = sum(seen[args["gas"]:args["gas"] * args["steps"]])  # steps 2..N, as timed
+print(json.dumps({"tokens_per_s": label_tokens / elapsed, "loss_last": clock.losses[-1], "losses": clock.losses,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
