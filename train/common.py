@@ -174,7 +174,10 @@ def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None)
     `keep_checkpoints` are removed afterwards."""
     tag = f"step_{step}"
     ckpt = checkpoint_dir(run)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain tensors and lists only, so resuming loads it with torch.load(weights_only=True)
+    rng = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+           "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     (ckpt / tag).mkdir(parents=True, exist_ok=True)
@@ -201,9 +204,11 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
     if path is None:
         raise RuntimeError(f"could not load checkpoint {ckpt / tag}")
     step = int(client["step"])
-    rng = torch.load(ckpt / tag / f"rng_rank{run.rank}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    rng = torch.load(ckpt / tag / f"rng_rank{run.rank}.pt", weights_only=True)
+    version, state, gauss_next = rng["python"]
+    random.setstate((version, tuple(state), gauss_next))
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

