@@ -83,9 +83,10 @@ def passkey_document(rng: random.Random, n_filler: int, depth: float, key: int |
 
 
 def pretrain_texts(n: int, seed: int = 0, max_filler: int = 8, passkey_share: float = 1 / 3) -> list[str]:
-    """Plain documents: sums and capital facts (all of them, train and held-out), as statements or
-    as plain "Q: ... A: ..." lines (never in the [INST] format SFT teaches), and passkey documents
-    answered with the key."""
+    """Plain documents: sums and capital facts (all of them, train and held-out) as statements, and
+    passkey documents answered with the key. (Tried: also stating facts as plain "Q: ... A: ..." lines
+    with 10× more documents — held-out exact match after SFT fell from 32% to 12% for the tiny preset:
+    at this size, repetition of fewer documents memorises the facts better.)"""
     rng = random.Random(seed)
     docs = []
     for i in range(n):
@@ -93,13 +94,10 @@ def pretrain_texts(n: int, seed: int = 0, max_filler: int = 8, passkey_share: fl
             text, key = passkey_document(rng, rng.randint(1, max_filler), rng.random())
             docs.append(f"{text} {key}.")
         elif i % 2 == 0:
-            sums = [_arith(rng, "all") for _ in range(rng.randint(3, 8))]
-            docs.append(" ".join(a for _, a in sums) if rng.random() < 0.5 else
-                        "\n".join(f"Q: {q} A: {a}" for q, a in sums))
+            docs.append(" ".join(_arith(rng, "all")[1] for _ in range(rng.randint(3, 8))))
         else:
-            facts = [_capital(rng, "all") for _ in range(rng.randint(3, 8))]
-            docs.append(" ".join(f"The capital of {c} is {k}." for c, k, _ in facts) if rng.random() < 0.5 else
-                        "\n".join(f"Q: {q} A: The capital of {c} is {k}." for c, k, q in facts))
+            facts = (_capital(rng, "all") for _ in range(rng.randint(3, 8)))
+            docs.append(" ".join(f"The capital of {c} is {k}." for c, k, _ in facts))
     return docs
 
 

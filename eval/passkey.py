@@ -26,7 +26,6 @@ import re
 from pathlib import Path
 
 import hydra
-from omegaconf import OmegaConf
 
 from data.chat import encode_prompt
 from eval.config import CONFIG_DIR

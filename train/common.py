@@ -216,6 +216,31 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
     return step, client
 
 
+def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
+    """Teardown of every stage: final checkpoint, HF export (with LoRA: the PEFT adapter folder and
+    merged weights), and the check that the export's logits equal the live model's."""
+    from model.export import export_hf, verify_export
+    from model.lora import lora_scaling, merged_for_export, save_adapter
+
+    if cfg.checkpoint_every:
+        save_checkpoint(engine, cfg, run, step)
+    if not cfg.export:
+        return
+    t0 = time.time()
+    module, scaling = engine.module, None
+    if cfg.lora.enabled:
+        save_adapter(module, run.out / "adapter", run.main)
+        if cfg.lora.experts:
+            module = merged_for_export(module)  # peft merges expert adapters (ZeRO ≤ 2)
+        else:
+            scaling = lora_scaling(cfg.lora)    # export_hf merges W + B·A·scaling per gathered weight
+    export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling)
+    run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
+    if cfg.verify_export:
+        diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt")
+        run.print(f"[{cfg.stage}] export check: max |logits(export) - logits(live)| = {diff:.2e}")
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 

@@ -297,8 +297,7 @@ class PipelineConfig:
     nproc: int = 2                       # torchrun --nproc_per_node for every stage
     model: str = "tiny"
     seed: int = 0
-    pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(
-        recipe="tiny/pretrain", max_steps=300, overrides=["data.synthetic_samples=4000"]))
+    pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="tiny/pretrain", max_steps=300))
     sft: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="tiny/sft", max_steps=150))
     dpo: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="tiny/dpo", max_steps=60))
     heldout: int = 100                   # held-out prompts / pairs / documents per measurement

@@ -16,15 +16,13 @@ From scratch the first loss is ≈ ln(32000) ≈ 10.4; a unigram model of the da
 
 from __future__ import annotations
 
-import time
-
 import hydra
 import torch
 
 from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.tokenizer import load_tokenizer
-from model.export import export_hf, verify_export
+from model.lora import apply_lora
 from model.losses import token_ce_sum
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
 from train import common
@@ -38,6 +36,8 @@ def main(cfg) -> None:
     tokenizer = load_tokenizer(cfg.model_path)
     rows, _ = common.training_rows(cfg, KIND, tokenizer, run)
     model = common.load_model(cfg, run)
+    if cfg.lora.enabled:  # continued pretraining with adapters
+        model = apply_lora(model, cfg.lora)
     engine = common.build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
@@ -92,15 +92,7 @@ def main(cfg) -> None:
             common.save_checkpoint(engine, cfg, run, step)
 
     metrics.close()
-    if cfg.checkpoint_every:
-        common.save_checkpoint(engine, cfg, run, step)
-    if cfg.export:
-        t0 = time.time()
-        export_hf(engine.module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype)
-        run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
-        if cfg.verify_export:
-            diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt")
-            run.print(f"[{cfg.stage}] export check: max |logits(export) - logits(live)| = {diff:.2e}")
+    common.finish(engine, cfg, run, model, tokenizer, step)
 
 
 if __name__ == "__main__":

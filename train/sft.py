@@ -16,16 +16,13 @@ From scratch the first loss is ≈ ln(32000) ≈ 10.4.
 
 from __future__ import annotations
 
-import time
-
 import hydra
 import torch
 
 from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.tokenizer import load_tokenizer
-from model.export import export_hf, verify_export
-from model.lora import apply_lora, lora_scaling, merged_for_export, save_adapter
+from model.lora import apply_lora
 from model.losses import token_ce_sum
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
 from train import common
@@ -95,22 +92,7 @@ def main(cfg) -> None:
             common.save_checkpoint(engine, cfg, run, step)
 
     metrics.close()
-    if cfg.checkpoint_every:
-        common.save_checkpoint(engine, cfg, run, step)
-    if cfg.export:
-        t0 = time.time()
-        module, scaling = engine.module, None
-        if cfg.lora.enabled:
-            save_adapter(module, run.out / "adapter", run.main)
-            if cfg.lora.experts:
-                module = merged_for_export(module)  # peft merges expert adapters (ZeRO ≤ 2)
-            else:
-                scaling = lora_scaling(cfg.lora)    # export_hf merges W + B·A·scaling per gathered weight
-        export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling)
-        run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
-        if cfg.verify_export:
-            diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt")
-            run.print(f"[{cfg.stage}] export check: max |logits(export) - logits(live)| = {diff:.2e}")
+    common.finish(engine, cfg, run, model, tokenizer, step)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from data.tokenizer import default_tokenizer_path

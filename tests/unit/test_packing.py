@@ -1,7 +1,6 @@
 """Packing: no attention across documents, positions restart, labels never cross documents;
 the global batch order is independent of the world size."""
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
