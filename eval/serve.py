@@ -28,7 +28,7 @@ from eval.config import CONFIG_DIR
 class _Streamer:
     """transformers streamer: receives new token ids during `generate` and queues them."""
 
-    def __init__(self, prompt_len: int):
+    def __init__(self):
         self.q: queue.Queue = queue.Queue()
         self.skip_prompt = True
 
@@ -89,7 +89,7 @@ class ChatServer:
 
         yield chunk({"role": "assistant", "content": ""})
         with self.lock:
-            streamer = _Streamer(len(ids))
+            streamer = _Streamer()
             kwargs = self._generate_kwargs(ids, max_new, temperature)
             worker = threading.Thread(target=lambda: self._run(kwargs, streamer), daemon=True)
             worker.start()

@@ -25,3 +25,16 @@ def metrics(out: Path) -> list[dict]:
 
 def losses(out: Path, key: str = "loss") -> list[float]:
     return [m[key] for m in metrics(out)]
+
+
+def crash_after(full: Path, crashed: Path, step: int) -> None:
+    """A copy of a finished run as if it had died right after the checkpoint of `step`."""
+    import shutil
+
+    shutil.copytree(full, crashed)
+    ckpt = crashed / "checkpoints"
+    for tag in ckpt.glob("step_*"):
+        if int(tag.name.split("_")[1]) > step:
+            shutil.rmtree(tag)
+    shutil.rmtree(crashed / "hf", ignore_errors=True)
+    (ckpt / "latest").write_text(f"step_{step}")

@@ -1,11 +1,10 @@
 """DPO stage runs: ln 2 at the start, reference modes agree, it learns, ZeRO-3 + EP, resume, real data."""
 
 import math
-import shutil
 
 import pytest
 
-from helpers import losses, metrics, run_stage
+from helpers import crash_after, losses, metrics, run_stage
 
 pytestmark = pytest.mark.distributed
 
@@ -37,9 +36,7 @@ def test_zero3_ep2_resume_reproduces(tmp_path):
     full = tmp_path / "full"
     run_stage("dpo", full, args)
     crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step_6")
-    (crashed / "checkpoints" / "latest").write_text("step_3")
+    crash_after(full, crashed, 3)
     proc = run_stage("dpo", crashed, [*args, "resume=true"])
     assert "resumed from" in proc.stdout and "loaded from cache" in proc.stdout
     assert losses(full) == losses(crashed)

@@ -2,14 +2,13 @@
 equivalence with one rank, resume, export."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import losses, metrics, run_stage
+from helpers import crash_after, losses, metrics, run_stage
 
 pytestmark = pytest.mark.distributed
 
@@ -65,10 +64,7 @@ def test_resume_reproduces_later_losses(tmp_path):
     run_stage("sft", full, args)
     # simulate a crash after the step-3 checkpoint: drop what came later, then resume
     crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step_6")
-    shutil.rmtree(crashed / "hf")
-    (crashed / "checkpoints" / "latest").write_text("step_3")
+    crash_after(full, crashed, 3)
     run_stage("sft", crashed, [*args, "resume=true"])
     a, b = metrics(full), metrics(crashed)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
