@@ -4,6 +4,7 @@ checkpoints, and metric logging. The training loops themselves live in each stag
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -24,6 +25,7 @@ from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, token
 from model.build import build_model, resolve_dtype
 from model.distributed import batch_arithmetic, deepspeed_config, mark_moe_leaf_modules, zero_stage
 from model.router import router_statistics
+from train import faults
 from train.config import ConfigError, validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -81,6 +83,7 @@ def start(cfg) -> Run:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), verbose=False)
     rank = dist.get_rank()
+    faults.WATCHDOG[0] = faults.Watchdog(rank, world, cfg.dist_timeout_s, cfg.stage)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed)
@@ -147,12 +150,25 @@ def build_engine(cfg, model, run: Run):
     groups = [g for g in ({"params": decay, "weight_decay": cfg.optim.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # DeepSpeed drops empty groups
     if cfg.optim.name == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr)
+        optimizer = faults.guarded(torch.optim.SGD)(groups, lr=cfg.optim.lr)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        optimizer = faults.guarded(torch.optim.AdamW)(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                                      eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    return engine
+    return engine, faults.NonFinite(optimizer, cfg.max_bad_steps)
+
+
+def stop_if_diverged(engine, cfg, run: Run, guard: faults.NonFinite, step: int) -> None:
+    """After `max_bad_steps` non-finite steps in a row: checkpoint (the weights are those before the bad
+    steps, which were skipped) and stop with status 3."""
+    if not guard.must_stop:
+        return
+    save_checkpoint(engine, cfg, run, step)
+    run.print(f"[{cfg.stage}] stopping: {guard.in_a_row} optimizer steps in a row (up to step {step}) had a non-finite "
+              f"loss or gradient and were skipped ({guard.total} in all). Checkpoint saved in {checkpoint_dir(run)}. "
+              f"Lower optim.lr, raise optim.warmup_steps or check the data, then rerun with resume=true.")
+    sys.exit(3)
 
 
 def load_model(cfg, run: Run):
@@ -169,22 +185,33 @@ def checkpoint_dir(run: Run) -> Path:
 
 
 def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None) -> None:
-    """DeepSpeed checkpoint `step_<n>` with the data position and every rank's RNG states.
-    DeepSpeed writes `latest` only after the tag is complete; older tags beyond
-    `keep_checkpoints` are removed afterwards."""
-    tag = f"step_{step}"
+    """Checkpoint `step_<n>`: DeepSpeed's files plus the data position (`client_state["step"]`) and every
+    rank's RNG states. Atomic: everything is written under `.step_<n>.partial`; after a barrier (every
+    rank done) rank 0 renames it to `step_<n>` and then replaces `latest` (write + rename), so a crash at
+    any point leaves the previous checkpoint as the one `resume=true` loads. Only the newest
+    `keep_checkpoints` are kept."""
     ckpt = checkpoint_dir(run)
+    final, partial = ckpt / f"step_{step}", ckpt / f".step_{step}.partial"
+    if run.main:
+        shutil.rmtree(partial, ignore_errors=True)  # debris of a crash mid-save
+        shutil.rmtree(final, ignore_errors=True)    # an older run's step_<n> beyond where we resumed
+    run.barrier()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # plain tensors and lists only, so resuming loads it with torch.load(weights_only=True)
     rng = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    (ckpt / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(rng, ckpt / tag / f"rng_rank{run.rank}.pt")
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"step": step, **(extra or {})})
+    partial.mkdir(parents=True, exist_ok=True)
+    torch.save(rng, partial / f"rng_rank{run.rank}.pt")
+    engine.save_checkpoint(str(ckpt), tag=partial.name, client_state={"step": step, **(extra or {})}, save_latest=False)
+    faults.kill_self_if("kill_in_save", step)  # tests: die with the files written but not yet published
     run.barrier()
-    if run.main and cfg.keep_checkpoints > 0:
+    if run.main:
+        os.replace(partial, final)
+        tmp = ckpt / "latest.tmp"
+        tmp.write_text(final.name)
+        os.replace(tmp, ckpt / "latest")
         tags = sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
         for old in tags[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -192,15 +219,28 @@ def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None)
 
 
 def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
-    """Load the latest checkpoint when `resume=true`; returns (step to start at, client state)."""
+    """Load the checkpoint named by `latest` when `resume=true`; returns (step to start at, client state).
+    DeepSpeed's own files are unpickled with torch.load(weights_only=True) plus an allow-list of the few
+    DeepSpeed classes they hold (`safe_checkpoint_loading`); our RNG files are plain tensors."""
     ckpt = checkpoint_dir(run)
     if not cfg.resume:
         return 0, {}
     if not (ckpt / "latest").is_file():
         run.print(f"[{cfg.stage}] resume=true but no checkpoint in {ckpt}: starting from step 0")
         return 0, {}
-    tag = (ckpt / "latest").read_text().strip()
-    path, client = engine.load_checkpoint(str(ckpt), tag=tag)
+    # A `step_<n>` folder gets its name only once complete, so the newest one is the one to load
+    # (`latest` may lag behind it by one if the crash fell between the rename and `latest`'s update).
+    tags = sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    if not tags:
+        raise RuntimeError(f"{ckpt / 'latest'} exists but {ckpt} holds no complete step_<n> checkpoint")
+    tag = tags[-1].name
+    run.barrier()
+    if run.main:
+        for debris in ckpt.glob(".step_*.partial"):
+            run.print(f"[{cfg.stage}] removing {debris} (a checkpoint interrupted while being written)")
+            shutil.rmtree(debris, ignore_errors=True)
+    with safe_checkpoint_loading(engine):
+        path, client = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {ckpt / tag}")
     step = int(client["step"])
@@ -214,6 +254,40 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
         torch.cuda.set_rng_state(rng["cuda"])
     run.print(f"[{cfg.stage}] resumed from {ckpt / tag} at step {step}")
     return step, client
+
+
+@contextlib.contextmanager
+def safe_checkpoint_loading(engine):
+    """Make DeepSpeed's checkpoint engine unpickle with `weights_only=True`, allowing only the DeepSpeed
+    and Python classes its files are known to hold (loss scalers, enums, ...); anything else fails
+    loudly instead of running code from the checkpoint."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if not isinstance(ce, TorchCheckpointEngine):
+        yield
+        return
+    original = ce.load
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load
+    try:
+        yield
+    finally:
+        ce.load = original
+
+
+def _deepspeed_checkpoint_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19's ZeRO 0-3 / MoE checkpoints pickle (found by loading
+    every file of each kind of checkpoint with weights_only=True; tests/distributed resume them all)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
@@ -279,6 +353,8 @@ class Metrics:
         return router_statistics(counts)
 
     def log(self, step: int, values: dict, stats: dict) -> None:
+        if faults.WATCHDOG[0] is not None:
+            faults.WATCHDOG[0].step = step
         if not self.run.main:
             return
         now = time.time()
@@ -289,6 +365,9 @@ class Metrics:
                   "max_share": stats["max_share"], "load_entropy": stats["load_entropy"]}
         with open(self.path, "a") as f:
             f.write(json.dumps(values) + "\n")
+        if values.get("skipped"):
+            self.bar.write(f"[{self.cfg.stage}] warning: step {step} skipped: non-finite loss or gradient "
+                           f"({values.get('skipped_total')} skipped so far)")
         load = np.asarray(stats["load"])
         self.idle_steps = np.where(load == 0, self.idle_steps + 1, 0)
         n = self.cfg.logging.dead_expert_steps

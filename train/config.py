@@ -141,7 +141,8 @@ class StageConfig:
     resume: bool = False
     export: bool = True
     verify_export: bool = True        # compare the export's logits with the live model's on a probe batch
-    dist_timeout_s: int = 600
+    dist_timeout_s: int = 300         # collective timeout, and how long a silent peer rank is waited for
+    max_bad_steps: int = 5            # stop (after a checkpoint) when this many steps in a row are non-finite
 
 
 @dataclass
@@ -223,6 +224,12 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("router.aux_loss_coef and router.z_loss_coef must be >= 0")
     if cfg.checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every={cfg.checkpoint_every}: must be >= 0")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (the newest is needed to resume)")
+    if cfg.dist_timeout_s < 5:
+        raise ConfigError(f"dist_timeout_s={cfg.dist_timeout_s}: must be >= 5 seconds")
+    if cfg.max_bad_steps < 1:
+        raise ConfigError(f"max_bad_steps={cfg.max_bad_steps}: must be >= 1")
     if cfg.model_path is not None and looks_local(cfg.model_path):
         path = os.path.expanduser(cfg.model_path)
         if not os.path.isdir(path):

@@ -28,10 +28,11 @@ from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
 from model.losses import dpo_loss
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
-from train import common, reference
+from train import common, faults, reference
 
 
 @hydra.main(config_path=common.CONFIG_DIR, config_name="dpo", version_base="1.3")
+@faults.exit_on_peer_loss
 def main(cfg) -> None:
     run = common.start(cfg)
     tokenizer = load_tokenizer(cfg.model_path)
@@ -39,7 +40,7 @@ def main(cfg) -> None:
     model = common.load_model(cfg, run)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    engine = common.build_engine(cfg, model, run)
+    engine, guard = common.build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
     balance = ExpertLoadAccumulator(top_k) if cfg.router.global_batch else None
@@ -95,6 +96,7 @@ def main(cfg) -> None:
             # `pref` and `nll` are this micro-batch's shares of global means, so scale them back by both.
             loss = (pref + cfg.dpo.sft_weight * nll) * (run.gas * run.world) \
                 + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
+            loss = guard.watch(loss, step + 1)  # a non-finite loss makes every rank skip this step
             engine.backward(loss)
             engine.step()
             sums += torch.tensor([losses.sum().item(), r_chosen.sum().item(), r_rejected.sum().item(),
@@ -106,6 +108,7 @@ def main(cfg) -> None:
         if balance is not None:
             balance.reset()
         step += 1
+        skipped = guard.end_step(engine)
 
         g = run.all_sum(sums)
         G = cfg.global_batch_size
@@ -121,7 +124,9 @@ def main(cfg) -> None:
             "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens": int(run.all_sum(sum(int((b["input_ids"] != tokenizer.pad_id).sum()) for b in micro_batches))),
             "pairs": G, "epoch": batches.epoch(step),
+            "skipped": skipped, "skipped_total": guard.total, "rows": batches.global_rows(step - 1),
         }, stats)
+        common.stop_if_diverged(engine, cfg, run, guard, step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             common.save_checkpoint(engine, cfg, run, step)
 

@@ -25,12 +25,13 @@ from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
 from model.losses import token_ce_sum
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
-from train import common
+from train import common, faults
 
 KIND = "text"  # sft.py differs from this file in KIND, the config name and its docstring only
 
 
 @hydra.main(config_path=common.CONFIG_DIR, config_name="pretrain", version_base="1.3")
+@faults.exit_on_peer_loss
 def main(cfg) -> None:
     run = common.start(cfg)
     tokenizer = load_tokenizer(cfg.model_path)
@@ -38,7 +39,7 @@ def main(cfg) -> None:
     model = common.load_model(cfg, run)
     if cfg.lora.enabled:  # continued pretraining with adapters
         model = apply_lora(model, cfg.lora)
-    engine = common.build_engine(cfg, model, run)
+    engine, guard = common.build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
     balance = ExpertLoadAccumulator(top_k) if cfg.router.global_batch else None
@@ -67,6 +68,7 @@ def main(cfg) -> None:
             # DeepSpeed divides gradients by the accumulation steps and averages them over ranks;
             # `ce` is already this micro-batch's share of the global mean, so scale it back by both.
             loss = ce * (run.gas * run.world) + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
+            loss = guard.watch(loss, step + 1)  # a non-finite loss makes every rank skip this step
             engine.backward(loss)
             engine.step()
             ce_total += ce.item()
@@ -76,6 +78,7 @@ def main(cfg) -> None:
         if balance is not None:
             balance.reset()
         step += 1
+        skipped = guard.end_step(engine)
 
         ce_step = float(run.all_sum(ce_total))
         aux_step = float(run.all_sum(aux_total)) / run.world
@@ -87,7 +90,9 @@ def main(cfg) -> None:
             "ce": ce_step, "aux": aux_step, "z": z_step, "lr": engine.get_lr()[0],
             "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": tokens,
             "label_tokens": int(n_labels), "epoch": batches.epoch(step),
+            "skipped": skipped, "skipped_total": guard.total, "rows": batches.global_rows(step - 1),
         }, stats)
+        common.stop_if_diverged(engine, cfg, run, guard, step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             common.save_checkpoint(engine, cfg, run, step)
 

@@ -1,0 +1,145 @@
+"""Faults on 2 gloo ranks: SIGKILL at a random step then resume, a kill in the middle of writing a
+checkpoint, non-finite steps, a dead peer rank. Faults are real (SIGKILL) or injected through
+MIXTRAL_TUNE_FAULTS (train/faults.py) at an exact point."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, free_port, losses, metrics, run_stage, stage_cmd
+
+pytestmark = pytest.mark.distributed
+
+STAGES = {
+    "sft": ["recipe=tiny/sft", "max_steps=8", "checkpoint_every=1", "deepspeed=zero3", "expert_parallel_size=2",
+            "data.synthetic_samples=160", "max_seq_len=64", "verify_export=false"],
+    "dpo": ["recipe=tiny/dpo", "max_steps=8", "checkpoint_every=1", "deepspeed=zero2", "dpo.loss_type=ipo",
+            "dpo.sft_weight=0.1", "data.synthetic_samples=48", "global_batch_size=8", "micro_batch_size=2",
+            "verify_export=false"],
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    done = {}
+
+    def get(stage):
+        if stage not in done:
+            out = tmp_path_factory.mktemp(f"full_{stage}")
+            run_stage(stage, out, STAGES[stage])
+            done[stage] = metrics(out)
+        return done[stage]
+    return get
+
+
+def _launch(stage, out, overrides, env=None):
+    cmd, base_env = stage_cmd(stage, out, overrides)
+    return subprocess.Popen(cmd, cwd=REPO, env={**base_env, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_step(proc, out, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and any(m["step"] >= step for m in metrics(out)):
+            return
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sigkill_at_random_step_then_resume_is_exact(stage, uninterrupted, tmp_path):
+    kill_at = random.Random(os.urandom(8)).randint(2, 6)
+    out = tmp_path / "run"
+    proc = _launch(stage, out, STAGES[stage])
+    _wait_for_step(proc, out, kill_at)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, wherever they are (mid-step or mid-save)
+    proc.wait()
+    steps_before = [m["step"] for m in metrics(out)]
+    resumed = run_stage(stage, out, [*STAGES[stage], "resume=true"])
+    assert "resumed from" in resumed.stdout, (kill_at, resumed.stdout[-2000:])
+    if stage == "dpo":  # the reference log-probs of the starting weights are reused, not recomputed
+        assert "reference log-probs: loaded from cache" in resumed.stdout
+    full, after = uninterrupted(stage), metrics(out)
+    note = f"killed after step {kill_at} (metrics had steps {steps_before})"
+    assert [m["step"] for m in after] == list(range(1, 9)), note
+    assert [m["loss"] for m in after] == [m["loss"] for m in full], note          # bit-identical
+    assert [m["rows"] for m in after] == [m["rows"] for m in full], note          # same samples, same order
+    assert [m["tokens"] for m in after] == [m["tokens"] for m in full], note
+    consumed = [r for m in after for r in m["rows"]]
+    assert len(consumed) == 8 * len(full[0]["rows"])
+
+
+def test_kill_while_saving_keeps_previous_checkpoint(uninterrupted, tmp_path):
+    args = [*STAGES["sft"], "checkpoint_every=2", "keep_checkpoints=2"]
+    out = tmp_path / "run"
+    proc = run_stage("sft", out, args, check=False, env={"MIXTRAL_TUNE_FAULTS": "kill_in_save@4"})
+    assert proc.returncode != 0 and "SIGKILL at kill_in_save@4" in proc.stdout + proc.stderr
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_2"
+    assert (ckpt / ".step_4.partial").is_dir() and not (ckpt / "step_4").exists()
+    resumed = run_stage("sft", out, [*args, "resume=true"])
+    assert "resumed from" in resumed.stdout and "step_2 at step 2" in resumed.stdout
+    assert "interrupted while being written" in resumed.stdout
+    assert losses(out) == [m["loss"] for m in uninterrupted("sft")]
+    # keep-last-N: only the two newest complete checkpoints, no debris
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_6", "step_8"]
+
+
+# A repeated batch with a constant LR: a skipped step leaves the weights (and Adam's state) as they were,
+# so the skipped step's loss repeats and the run continues as the fault-free run one step earlier.
+REPEATED = ["recipe=tiny/sft", "data.synthetic_samples=8", "data.packing=false", "max_seq_len=64",
+            "global_batch_size=8", "micro_batch_size=2", "optim.warmup_steps=0", "optim.schedule=constant",
+            "optim.lr=3e-3", "verify_export=false", "export=false"]
+
+
+@pytest.mark.parametrize("parallel", [["deepspeed=zero0"], ["deepspeed=zero3", "expert_parallel_size=2"]],
+                         ids=["zero0", "zero3_ep2"])
+def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop(parallel, tmp_path):
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    run_stage("sft", clean, [*REPEATED, *parallel, "max_steps=3"])
+    # step 2 alone, then steps 4-6 in a row (K = 3): skip, skip, ..., then checkpoint and stop
+    proc = run_stage("sft", faulty, [*REPEATED, *parallel, "max_steps=10", "max_bad_steps=3"], check=False,
+                     env={"MIXTRAL_TUNE_FAULTS": "nan_loss@2,nan_loss@4,nan_loss@5,nan_loss@6"})
+    c, f = losses(clean), losses(faulty)
+    assert proc.returncode != 0
+    assert "stopping: 3 optimizer steps in a row (up to step 6)" in proc.stdout
+    assert [m["skipped"] for m in metrics(faulty)] == [False, True, False, True, True, True]
+    assert metrics(faulty)[-1]["skipped_total"] == 4
+    # (each step shuffles the same 8 rows into other micro-batches: sums in another order, hence approx)
+    assert f[2] == pytest.approx(c[1], abs=1e-5)   # step 2 skipped: step 3 still sees the step-1 weights
+    assert f[3] == pytest.approx(c[2], abs=1e-4)   # step 3's update = the clean run's step 2 (Adam state intact)
+    assert abs(c[2] - c[1]) > 1e-3                 # (and an update does change the loss)
+    assert (faulty / "checkpoints" / "latest").read_text() == "step_6"
+    run_stage("sft", faulty, [*REPEATED, *parallel, "max_steps=7", "resume=true"])
+    f = losses(faulty)
+    assert len(f) == 7 and f[6] == pytest.approx(c[2], abs=1e-4)  # the weights skipped steps 4-6 left alone
+
+
+def test_dead_rank_is_named_and_the_survivor_exits(tmp_path):
+    """Ranks started without torchrun (as on two nodes whose launcher cannot kill the survivor):
+    SIGKILL rank 1; rank 0 must stop on its own within dist_timeout_s and say which rank died."""
+    out, timeout_s = tmp_path / "run", 10
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    cmd = [sys.executable, str(REPO / "train" / "sft.py"), "recipe=tiny/sft", f"output_dir={out}", "max_steps=500",
+           f"dist_timeout_s={timeout_s}", "export=false"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        _wait_for_step(procs[0], out, 2)
+        procs[1].kill()
+        rc = procs[0].wait(timeout=timeout_s + 60)  # a hang fails here
+        log = procs[0].stdout.read().decode()
+        assert rc != 0
+        assert "rank 0: rank 1 sent no heartbeat" in log, log[-3000:]
+        assert "resume=true" in log
+    finally:
+        for p in procs:
+            p.kill()
