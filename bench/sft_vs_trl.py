@@ -68,7 +68,7 @@ def run_ours(model_dir, jsonl, out, a) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", RSS_WRAPPER, str(REPO / "train" / "sft.py"), "recipe=tiny/sft", f"model_path={model_dir}",
            f"data.path={jsonl}", "data.format=messages", f"max_seq_len={a.max_len}", "global_batch_size=8",
-           "micro_batch_size=4", f"max_steps={a.steps}", "optim.lr=1e-4", "optim.schedule=constant",
+           "micro_batch_size=4", f"max_steps={a.steps}", "data.dedup=false", "optim.lr=1e-4", "optim.schedule=constant",
            "optim.warmup_steps=0", "router.aux_loss_coef=0", "deepspeed=zero0", "export=false", "logging=none",
            f"output_dir={out}", "precision=fp32"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(29650 + os.getpid() % 100)}

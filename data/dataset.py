@@ -65,23 +65,30 @@ def load_canonical(data_cfg, kind: str, seed: int, skipped_path: str | Path | No
     if data_cfg.path == "synthetic":
         out = synthetic.records(kind, data_cfg.synthetic_samples, seed)
     else:
-        out, skipped = [], []
-        try:
-            for rec in read_records(data_cfg.path, split=data_cfg.split, name=data_cfg.name, text_field=data_cfg.text_field):
-                try:
-                    out.append(canonical(rec, data_cfg.format, kind, data_cfg.text_field))
-                except RecordError as e:
-                    if data_cfg.on_error == "raise":
-                        raise
-                    report.skipped[e.kind] += 1
-                    skipped.append({"where": e.where, "kind": e.kind, "detail": e.detail, "record": rec.value})
-                if data_cfg.max_samples and len(out) >= data_cfg.max_samples:
-                    break
-        except RecordError as e:
-            if data_cfg.on_error == "raise" or e.where == data_cfg.path:
-                raise
-            report.skipped[e.kind] += 1  # a whole file is unreadable (e.g. malformed JSON array)
-            skipped.append({"where": e.where, "kind": e.kind, "detail": e.detail, "record": None})
+        out, skipped, seen = [], [], {}
+        for rec in read_records(data_cfg.path, split=data_cfg.split, name=data_cfg.name, text_field=data_cfg.text_field,
+                                max_record_chars=data_cfg.max_record_chars, yield_errors=True):
+            try:
+                if isinstance(rec, RecordError):  # unreadable line or file
+                    raise rec
+                c = canonical(rec, data_cfg.format, kind, data_cfg.text_field)
+            except RecordError as e:
+                if data_cfg.on_error == "raise":
+                    raise
+                report.skipped[e.kind] += 1
+                skipped.append({"where": e.where, "kind": e.kind, "detail": e.detail,
+                                "record": None if isinstance(rec, RecordError) else rec.value})
+                continue
+            key = hashlib.sha256(json.dumps(c, sort_keys=True, ensure_ascii=False).encode()).digest()
+            if data_cfg.dedup and key in seen:  # a policy, not an error: dropped whatever on_error says
+                report.skipped["duplicate record"] += 1
+                skipped.append({"where": rec.where, "kind": "duplicate record", "detail": f"same as {seen[key]}",
+                                "record": rec.value})
+                continue
+            seen.setdefault(key, rec.where)
+            out.append(c)
+            if data_cfg.max_samples and len(out) >= data_cfg.max_samples:
+                break
         if skipped_path is not None and skipped:
             Path(skipped_path).parent.mkdir(parents=True, exist_ok=True)
             with open(skipped_path, "w") as f:

@@ -21,9 +21,9 @@ Every error names the source file and line (or record index) — `RecordError`.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,16 +64,28 @@ def list_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_text(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     if path.name.lower().endswith(".gz"):
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise RecordError(str(path), "unreadable file", f"not a valid gzip file ({e})") from None
+    return raw
+
+
+def _decode(raw: bytes, where: str, line_of: bool = False) -> str:
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise RecordError(f"{path}:{line}", "not UTF-8", f"byte {raw[e.start]:#x} at offset {e.start}") from None
-    return text.lstrip("\ufeff")  # a UTF-8 BOM is harmless: drop it
+        if line_of:
+            line = raw[: e.start].count(b"\n") + 1
+            where = f"{where}:{line}"
+        raise RecordError(where, "not UTF-8", f"byte {raw[e.start]:#x} at offset {e.start}") from None
+
+
+def _read_text(path: Path) -> str:
+    return _decode(_read_bytes(path), str(path), line_of=True).lstrip("\ufeff")  # a UTF-8 BOM is harmless
 
 
 def _check_finite(value, where: str) -> None:
@@ -87,24 +99,41 @@ def _check_finite(value, where: str) -> None:
             _check_finite(v, where)
 
 
-def read_file(path: Path, text_field: str = "text") -> Iterator[Record]:
+def _check_size(value_text: str, where: str, max_chars: int) -> None:
+    if len(value_text) > max_chars:
+        raise RecordError(where, "record too large", f"{len(value_text):,} characters > data.max_record_chars={max_chars:,}")
+
+
+def _parse_line(raw: bytes, where: str, first: bool, max_record_chars: int) -> dict:
+    line = _decode(raw, where)
+    if first:
+        line = line.lstrip("\ufeff")
+    _check_size(line, where, max_record_chars)
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(where, "malformed JSON", e.msg) from None
+    if not isinstance(value, dict):
+        raise RecordError(where, "not an object", f"expected a JSON object, got {type(value).__name__}")
+    _check_finite(value, where)
+    return value
+
+
+def read_file(path: Path, text_field: str = "text", max_record_chars: int = 1_000_000) -> Iterator[Record | RecordError]:
+    """Records of one file. A bad record is yielded as its RecordError (the caller raises or skips it);
+    a file that cannot be read at all raises."""
     suffix = _suffix(path)
     if suffix in (".jsonl", ".jsonl.gz"):
-        text = _read_text(path)
-        if not text.strip():
+        raw = _read_bytes(path)
+        if not raw.strip(b"\xef\xbb\xbf \t\r\n"):
             raise RecordError(str(path), "empty file", "no records")
-        for i, line in enumerate(io.StringIO(text), start=1):
-            if not line.strip():
+        for i, line_bytes in enumerate(raw.split(b"\n"), start=1):
+            if not line_bytes.strip(b"\xef\xbb\xbf \t\r"):
                 continue
-            where = f"{path}:{i}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(where, "malformed JSON", e.msg) from None
-            if not isinstance(value, dict):
-                raise RecordError(where, "not an object", f"expected a JSON object, got {type(value).__name__}")
-            _check_finite(value, where)
-            yield Record(where, value)
+            try:  # a bad line costs that line, not the file
+                yield Record(f"{path}:{i}", _parse_line(line_bytes, f"{path}:{i}", i == 1, max_record_chars))
+            except RecordError as e:
+                yield e
     elif suffix in (".json", ".json.gz"):
         text = _read_text(path)
         if not text.strip():
@@ -119,14 +148,22 @@ def read_file(path: Path, text_field: str = "text") -> Iterator[Record]:
             raise RecordError(str(path), "empty file" if value == [] else "not a list", "expected a JSON list of records")
         for i, v in enumerate(value):
             where = f"{path}[{i}]"
-            if not isinstance(v, dict):
-                raise RecordError(where, "not an object", f"expected a JSON object, got {type(v).__name__}")
-            _check_finite(v, where)
+            try:
+                if not isinstance(v, dict):
+                    raise RecordError(where, "not an object", f"expected a JSON object, got {type(v).__name__}")
+                _check_finite(v, where)
+                _check_size(json.dumps(v, ensure_ascii=False), where, max_record_chars)
+            except RecordError as e:
+                yield e
+                continue
             yield Record(where, v)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's errors: ArrowInvalid, OSError, ...
+            raise RecordError(str(path), "unreadable file", f"not a readable parquet file ({type(e).__name__}: {e})") from None
         if table.num_rows == 0:
             raise RecordError(str(path), "empty file", "no rows")
         for i, v in enumerate(table.to_pylist()):
@@ -135,17 +172,32 @@ def read_file(path: Path, text_field: str = "text") -> Iterator[Record]:
         text = _read_text(path)
         if not text.strip():
             raise RecordError(str(path), "empty file", "no text")
+        _check_size(text, str(path), max_record_chars)
         yield Record(str(path), {text_field: text})
     else:
         raise RecordError(str(path), "unknown format", f"unsupported file type {path.suffix!r}; use {', '.join(FILE_SUFFIXES)}")
 
 
-def read_records(path: str, *, split: str = "train", name: str | None = None, text_field: str = "text") -> Iterator[Record]:
-    """Records from a file, a folder (recursively, sorted), or a Hub dataset name."""
+def read_records(path: str, *, split: str = "train", name: str | None = None, text_field: str = "text",
+                 max_record_chars: int = 1_000_000, yield_errors: bool = False) -> Iterator[Record]:
+    """Records from a file, a folder (recursively, sorted), or a Hub dataset name.
+
+    By default the first bad record or file raises its RecordError. With `yield_errors=True` bad
+    records and unreadable files (of a folder) are yielded as RecordError instances instead, and
+    reading goes on with the next record or file."""
     p = Path(path).expanduser()
     if p.exists():
-        for f in list_files(p):
-            yield from read_file(f, text_field)
+        files = list_files(p)
+        for f in files:
+            try:
+                for item in read_file(f, text_field, max_record_chars):
+                    if isinstance(item, RecordError) and not yield_errors:
+                        raise item
+                    yield item
+            except RecordError as e:
+                if not yield_errors or len(files) == 1:
+                    raise
+                yield e
         return
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise RecordError(path, "missing", "no such file or folder")
@@ -209,6 +261,9 @@ def _check_chat(messages, where: str, for_training: bool) -> list[dict]:
         validate_messages(messages, for_training=for_training)
     except ChatFormatError as e:
         raise RecordError(where, "invalid conversation", str(e)) from None
+    for j, m in enumerate(messages):
+        if for_training and not m["content"].strip():  # nothing to learn from, or to answer
+            raise RecordError(where, "empty content", f"messages[{j}] ({m['role']}) is blank")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

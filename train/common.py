@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from data.formats import RecordError
 from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, tokenize
 from model.build import build_model, resolve_dtype
 from model.distributed import batch_arithmetic, deepspeed_config, mark_moe_leaf_modules, zero_stage
@@ -105,17 +106,32 @@ def training_rows(cfg, kind: str, tokenizer, run: Run):
     cache_dir = cfg.data.cache_dir or str(run.out / "cache")
     rows = None
     for turn in (0, 1):  # rank 0 fills the cache, then the others read it
+        error = None
         if (turn == 0) == run.main:
-            records = load_canonical(cfg.data, kind, cfg.seed, skipped_path=run.out / "skipped.jsonl", report=report)
-            ds = tokenize(records, kind, tokenizer, cache_dir)
-            if kind == "preference":
-                rows = fit_pairs(ds, cfg.max_seq_len, cfg.dpo.max_prompt_len, report)
-            else:
-                rows = pack_rows(zip(ds["input_ids"], ds["labels"]), cfg.max_seq_len, tokenizer.pad_id,
-                                 packing=cfg.data.packing, overlong=cfg.data.overlong, kind=kind, report=report)
-        run.barrier()
+            try:
+                records = load_canonical(cfg.data, kind, cfg.seed, skipped_path=run.out / "skipped.jsonl", report=report)
+            except RecordError as e:  # named by file and line; stop every rank before any heavy work
+                error = f"data error: {e}\n  (data.on_error=skip skips bad records, counts them and lists them in " \
+                        f"{run.out / 'skipped.jsonl'})" if cfg.data.on_error == "raise" else f"data error: {e}"
+            if error is None:
+                ds = tokenize(records, kind, tokenizer, cache_dir)
+                if kind == "preference":
+                    rows = fit_pairs(ds, cfg.max_seq_len, cfg.dpo.max_prompt_len, report)
+                else:
+                    rows = pack_rows(zip(ds["input_ids"], ds["labels"]), cfg.max_seq_len, tokenizer.pad_id,
+                                     packing=cfg.data.packing, overlong=cfg.data.overlong, kind=kind, report=report)
+        shared = [error]
+        if dist.is_initialized() and run.world > 1:
+            dist.broadcast_object_list(shared, src=0)  # also the barrier between the two turns
+        if shared[0] is not None:
+            if run.main:
+                print(f"[{cfg.stage}] {shared[0]}", file=sys.stderr, flush=True)
+            faults.finished()
+            sys.exit(2)
     for line in report.lines():
         run.print(f"[{cfg.stage}] data: {line}")
+    if report.skipped:
+        run.print(f"[{cfg.stage}] data: skipped records are listed in {run.out / 'skipped.jsonl'}")
     if len(rows) < cfg.global_batch_size:
         run.print(f"[{cfg.stage}] note: {len(rows)} rows < global_batch_size {cfg.global_batch_size}; rows repeat within a step")
     return rows, report
@@ -168,6 +184,7 @@ def stop_if_diverged(engine, cfg, run: Run, guard: faults.NonFinite, step: int) 
     run.print(f"[{cfg.stage}] stopping: {guard.in_a_row} optimizer steps in a row (up to step {step}) had a non-finite "
               f"loss or gradient and were skipped ({guard.total} in all). Checkpoint saved in {checkpoint_dir(run)}. "
               f"Lower optim.lr, raise optim.warmup_steps or check the data, then rerun with resume=true.")
+    faults.finished()
     sys.exit(3)
 
 
@@ -293,13 +310,17 @@ def _deepspeed_checkpoint_globals() -> list:
 def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
     """Teardown of every stage: final checkpoint, HF export (with LoRA: the PEFT adapter folder and
     merged weights), and the check that the export's logits equal the live model's."""
+    if cfg.checkpoint_every:
+        save_checkpoint(engine, cfg, run, step)
+    if cfg.export:
+        _export(engine, cfg, run, model, tokenizer)
+    faults.finished()
+
+
+def _export(engine, cfg, run: Run, model, tokenizer) -> None:
     from model.export import export_hf, verify_export
     from model.lora import lora_scaling, merged_for_export, save_adapter
 
-    if cfg.checkpoint_every:
-        save_checkpoint(engine, cfg, run, step)
-    if not cfg.export:
-        return
     t0 = time.time()
     module, scaling = engine.module, None
     if cfg.lora.enabled:

@@ -79,6 +79,8 @@ class DataConfig:
     packing: bool = True
     overlong: str = "truncate"        # truncate | drop
     on_error: str = "raise"           # raise | skip
+    dedup: bool = True                # drop exact duplicate records (counted, listed in skipped.jsonl)
+    max_record_chars: int = 1_000_000 # a longer line/record is an error (a broken export, not a sample)
     max_samples: Optional[int] = None
     synthetic_samples: int = 2000
     num_proc: int = 1
@@ -219,6 +221,8 @@ def validate(cfg, world_size: int | None = None) -> None:
     _one_of("data.format", cfg.data.format, DATA_FORMATS)
     _one_of("data.overlong", cfg.data.overlong, ("truncate", "drop"))
     _one_of("data.on_error", cfg.data.on_error, ("raise", "skip"))
+    if cfg.data.max_record_chars < 1:
+        raise ConfigError(f"data.max_record_chars={cfg.data.max_record_chars}: must be >= 1")
     _one_of("logging.backend", cfg.logging.backend, ("none", "wandb"))
     if cfg.router.aux_loss_coef < 0 or cfg.router.z_loss_coef < 0:
         raise ConfigError("router.aux_loss_coef and router.z_loss_coef must be >= 0")

@@ -192,16 +192,24 @@ class Watchdog:
         while time.time() < deadline:  # the thread calls _die when it knows
             time.sleep(self.interval_s)
 
-    def close(self) -> None:
-        """Stop beating (at exit): join the thread, then tell the peers this rank ended normally."""
+    def close(self, done: bool = False) -> None:
+        """Stop beating; with `done`, tell the peers this rank ended on purpose (they stop waiting for it).
+        At exit without `done` (a crash) the peers notice the silence after `timeout_s`."""
         if self._thread is None or self._stop.is_set():
             return
         self._stop.set()
         self._thread.join()
-        try:
-            self.store.set(self._key(self.rank), "done")
-        except Exception:
-            pass
+        if done:
+            try:
+                self.store.set(self._key(self.rank), "done")
+            except Exception:
+                pass
+
+
+def finished() -> None:
+    """This rank ends on purpose (the run is over, or every rank stops together)."""
+    if WATCHDOG[0] is not None:
+        WATCHDOG[0].close(done=True)
 
 
 def exit_on_peer_loss(fn):
