@@ -10,31 +10,18 @@ frozen model beside the policy, one extra forward per micro-batch). Last line:
 """
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RSS_WRAPPER = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('PEAK_RSS_MB', "
-               "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)); "
-               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+from _common import run_stage_measured
 
 
 def run(mode: str, a, tmp: Path) -> dict:
-    out = tmp / mode
-    cmd = [sys.executable, "-c", RSS_WRAPPER, str(REPO / "train" / "dpo.py"), "recipe=tiny/dpo", f"model={a.model}",
-           f"output_dir={out}", f"max_steps={a.steps}", f"dpo.reference={mode}", "export=false", "deepspeed=zero0",
-           "global_batch_size=8", "micro_batch_size=4", "data.synthetic_samples=200"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(29700 + len(mode))})
-    if proc.returncode:
-        raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
-    m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    rss = float(next(l.split()[1] for l in proc.stdout.splitlines() if l.startswith("PEAK_RSS_MB")))
+    m, rss, _ = run_stage_measured("dpo", [
+        "recipe=tiny/dpo", f"model={a.model}", f"max_steps={a.steps}", f"dpo.reference={mode}", "export=false",
+        "deepspeed=zero0", "global_batch_size=8", "micro_batch_size=4", "data.synthetic_samples=200"], tmp / mode)
+    m = m[1:]
     return {"pairs_per_s": sum(r["pairs"] for r in m) / sum(r["step_time_s"] for r in m), "peak_rss_mb": rss}
 
 

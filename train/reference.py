@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -83,6 +84,7 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
     if engine is None:
         raise RuntimeError(f"resuming a DPO run whose reference cache {path} is missing: the reference must come from "
                            "the starting weights; rerun from step 0 (resume=false) or restore the cache")
+    t0 = time.time()
     table = compute_logps(engine, pairs, cfg.micro_batch_size, tokenizer.pad_id, run.rank, run.world, run.device,
                           adapters_off=adapters_off)
     if run.main:
@@ -90,7 +92,8 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
         tmp = path.with_suffix(".tmp")
         torch.save(table, tmp)
         os.replace(tmp, path)
-        run.print(f"[{cfg.stage}] reference log-probs: computed for {len(pairs)} pairs, cached at {path}")
+        run.print(f"[{cfg.stage}] reference log-probs: computed for {len(pairs)} pairs in {time.time() - t0:.1f}s, "
+                  f"cached at {path}")
     run.barrier()
     return table
 

@@ -65,7 +65,7 @@ def test_sft_on_real_demo_files(name, fmt, shared_data, tmp_path):
         proc = run_stage("sft", tmp_path / "run", ["recipe=tiny/sft", f"data.path={path}", "data.on_error=skip",
                                                    "max_steps=2", "max_seq_len=512", "verify_export=false"], nproc=1)
         skipped = [json.loads(l) for l in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
-        assert skipped and all(s["kind"] in ("unknown role", "invalid conversation") for s in skipped)
+        assert skipped and all(s["kind"] in ("unknown role", "invalid conversation", "duplicate record") for s in skipped)
         assert "skipped:" in proc.stdout
         return
     run_stage("sft", tmp_path / "run", ["recipe=tiny/sft", f"data.path={path}", f"data.format={fmt}",

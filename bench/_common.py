@@ -1,0 +1,52 @@
+"""What the benchmarks share: a peak-RSS wrapper for child processes and the saved `small` model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+# run a script as __main__ and print the process's peak RSS when it exits
+RSS_WRAPPER = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('PEAK_RSS_MB', "
+               "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)); "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def save_model(folder: Path, preset: str = "small", seed: int = 0) -> Path:
+    """A freshly initialised preset saved as an HF folder (+ tokenizer.model) that every side loads."""
+    from omegaconf import OmegaConf
+
+    from data.tokenizer import default_tokenizer_path
+    from model.build import build_model
+    from train.config import compose
+
+    build_model(OmegaConf.to_container(compose("sft", [f"model={preset}"]).model), seed=seed).save_pretrained(folder)
+    shutil.copy(default_tokenizer_path(), folder / "tokenizer.model")
+    return folder
+
+
+def run_stage_measured(stage: str, overrides: list[str], out: Path) -> tuple[list[dict], float, str]:
+    """`python train/<stage>.py` in one process (a world of one); returns (metrics rows, peak RSS MB, stdout)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-c", RSS_WRAPPER, str(REPO / "train" / f"{stage}.py"), f"output_dir={out}", *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(29650 + os.getpid() % 300)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rss = float(next(l.split()[1] for l in proc.stdout.splitlines() if l.startswith("PEAK_RSS_MB")))
+    return m, rss, proc.stdout
+
+
+def run_worker(script: str, spec: dict) -> dict:
+    """A peer's worker script (one process, prints one JSON line last)."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), json.dumps(spec)], cwd=REPO,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

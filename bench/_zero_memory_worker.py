@@ -1,0 +1,64 @@
+"""One rank of bench/zero_memory.py: build our engine for one ZeRO/EP setting, take two optimizer steps,
+then count every live tensor's storage on this rank (model, gradients, optimizer state, DeepSpeed's
+fp32 partitions and buckets), and print rank 0's JSON line with every rank's figures."""
+
+import gc
+import json
+import resource
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def live_tensor_bytes() -> int:
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+                continue
+            storage = obj.untyped_storage()
+        except Exception:  # DeepSpeed's partitioned placeholders and other odd objects
+            continue
+        key = storage.data_ptr()
+        if key and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def main() -> None:
+    from model.losses import token_ce_sum
+    from train import common
+    from train.config import compose
+
+    overrides = sys.argv[1:]
+    cfg = compose("sft", ["model=small", "max_seq_len=256", "global_batch_size=4", "micro_batch_size=2",
+                          "output_dir=/tmp/bench_zero_memory", "export=false", "router.aux_loss_coef=0", *overrides])
+    run = common.start(cfg)
+    gc.collect()
+    before = live_tensor_bytes()
+    model = common.load_model(cfg, run)
+    engine, _ = common.build_engine(cfg, model, run)
+    del model
+    g = torch.Generator().manual_seed(run.rank)
+    for _ in range(2):  # Adam's state exists after the first step
+        ids = torch.randint(3, 32000, (cfg.micro_batch_size, cfg.max_seq_len), generator=g)
+        out = engine(input_ids=ids, use_cache=False)
+        loss = token_ce_sum(out.logits, ids)[0] / ids.numel()
+        engine.backward(loss)
+        engine.step()
+    del out, loss
+    gc.collect()
+    state = live_tensor_bytes() - before
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    mine = {"rank": run.rank, "state_mb": state / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "params_m": n_params / 1e6}
+    rows = [None] * run.world
+    dist.all_gather_object(rows, mine)
+    if run.main:
+        print("RESULT " + json.dumps(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

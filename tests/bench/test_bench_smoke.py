@@ -1,0 +1,36 @@
+"""Each benchmark runs end to end with a tiny budget (the tiny preset, 2-3 steps) and prints its
+last line with a finite, positive ratio. Times are never asserted: the figures in BENCHMARKS.md
+come from the full runs on a quiet machine."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+pytestmark = pytest.mark.bench
+
+CASES = {
+    "sft_vs_trl.py": (["--model", "tiny", "--steps", "3", "--repeats", "1", "--max-len", "256"], "sft tokens/s ratio vs TRL"),
+    "dpo_vs_trl.py": (["--model", "tiny", "--steps", "3", "--max-len", "256", "--pairs", "24"], "dpo pairs/s ratio vs TRL"),
+    "mfu.py": (["--model", "tiny", "--steps", "3", "--seq", "256"], "mfu"),
+    "zero_memory.py": (["--model", "tiny", "--only", "ZeRO-0", "ZeRO-3", "ZeRO-3 + EP 2"], "zero-3 / zero-0 per-rank state"),
+    "generation.py": (["--model", "tiny", "--prompts", "8", "--new", "8", "--batch", "4"], "generation batched/single tokens/s"),
+    "dpo_reference_memory.py": (["--model", "tiny", "--steps", "3"], "dpo live/precomputed peak RSS"),
+}
+
+
+@pytest.mark.parametrize("script", CASES)
+def test_benchmark_runs_and_prints_its_ratio(script, shared_data):
+    args, label = CASES[script]
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(re.escape(label) + r": (\d+\.\d\d)", last)
+    assert m, last
+    assert math.isfinite(float(m.group(1))) and float(m.group(1)) > 0
