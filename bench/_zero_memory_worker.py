@@ -1,6 +1,7 @@
 """One rank of bench/zero_memory.py: build our engine for one ZeRO/EP setting, take two optimizer steps,
-then count every live tensor's storage on this rank (model, gradients, optimizer state, DeepSpeed's
-fp32 partitions and buckets), and print rank 0's JSON line with every rank's figures."""
+and count every live tensor's storage on this rank (weights, gradients, optimizer state, DeepSpeed's
+fp32 partitions and buckets) after each backward (the peak: gradients exist, activations freed) and
+after each step; print rank 0's JSON line with every rank's peak."""
 
 import gc
 import json
@@ -42,15 +43,18 @@ def main() -> None:
     engine, _ = common.build_engine(cfg, model, run)
     del model
     g = torch.Generator().manual_seed(run.rank)
-    for _ in range(2):  # Adam's state exists after the first step
+    peak = 0
+    for _ in range(2):  # Adam's state exists after the first step; the peak is step 2 before its update
         ids = torch.randint(3, 32000, (cfg.micro_batch_size, cfg.max_seq_len), generator=g)
         out = engine(input_ids=ids, use_cache=False)
-        loss = token_ce_sum(out.logits, ids)[0] / ids.numel()
+        loss = token_ce_sum(out.logits.float(), ids)[0] / ids.numel()
         engine.backward(loss)
+        del out, loss
+        gc.collect()
+        peak = max(peak, live_tensor_bytes() - before)  # weights + gradients + optimizer state
         engine.step()
-    del out, loss
     gc.collect()
-    state = live_tensor_bytes() - before
+    state = max(peak, live_tensor_bytes() - before)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     mine = {"rank": run.rank, "state_mb": state / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "params_m": n_params / 1e6}

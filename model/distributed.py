@@ -33,6 +33,15 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype) -> dict:
     ds["fp16"] = {"enabled": dtype == torch.float16}
     if cfg.expert_parallel_size > 1:
         ds["expert_parallel"] = {"enabled": True, "autoep_size": cfg.expert_parallel_size, "preset_model": "mixtral"}
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # Bucket sizes scaled to the model (what HF's "auto" picks) unless the config sets them:
+        # DeepSpeed's defaults (5e8 elements) allocate a 2 GB fp32 bucket on every rank, more than
+        # a small model's whole state (bench/zero_memory.py).
+        h = cfg.model.hidden_size
+        zero.setdefault("reduce_bucket_size", h * h)
+        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * h * h))
+        zero.setdefault("stage3_param_persistence_threshold", 10 * h)
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

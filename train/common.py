@@ -160,19 +160,30 @@ def build_engine(cfg, model, run: Run):
     ds = deepspeed_config(cfg, run.world, run.dtype)
     if zero_stage(ds) == 3 and cfg.expert_parallel_size == 1:
         mark_moe_leaf_modules(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.optim.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # DeepSpeed drops empty groups
-    if cfg.optim.name == "sgd":
-        optimizer = faults.guarded(torch.optim.SGD)(groups, lr=cfg.optim.lr)
-    else:
-        optimizer = faults.guarded(torch.optim.AdamW)(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                                      eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    return engine, faults.NonFinite(optimizer, cfg.max_bad_steps)
+    made = []
+
+    def make_optimizer(_params):
+        # Called by DeepSpeed after AutoEP has swapped in its expert modules, so the groups hold the
+        # live parameters; ZeRO-1/2 with EP also need the expert weights in their own "moe" groups.
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [g for g in ({"name": "decay", "params": [p for p in params if p.ndim >= 2],
+                               "weight_decay": cfg.optim.weight_decay},
+                              {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})
+                  if g["params"]]
+        if cfg.expert_parallel_size > 1 and zero_stage(ds) in (1, 2):
+            from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+            groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        if cfg.optim.name == "sgd":
+            made.append(faults.guarded(torch.optim.SGD)(groups, lr=cfg.optim.lr))
+        else:
+            made.append(faults.guarded(torch.optim.AdamW)(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                                          eps=cfg.optim.eps))
+        return made[-1]
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds,
+                                           lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine, faults.NonFinite(made[-1], cfg.max_bad_steps)
 
 
 def stop_if_diverged(engine, cfg, run: Run, guard: faults.NonFinite, step: int) -> None:

@@ -46,15 +46,17 @@ def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
 
 def test_one_rank_equals_two_ranks_zero3_ep2(tmp_path):
     """Same global batch, aux off, plain SGD (no Adam normalisation to hide a gradient-scale error):
-    1 rank ZeRO-0 with accumulation 4 vs 2 ranks ZeRO-3 + EP 2 with accumulation 2."""
+    1 rank ZeRO-0 with accumulation 4 vs 2 ranks ZeRO-3 + EP 2, and ZeRO-2 + EP 2, with accumulation 2."""
     common = ["recipe=tiny/sft", "max_steps=3", "router.aux_loss_coef=0", "optim.name=sgd", "optim.lr=5",
               "optim.grad_clip=0", "optim.schedule=constant", "data.synthetic_samples=64", "max_seq_len=64",
               "global_batch_size=8", "micro_batch_size=2"]
     run_stage("sft", tmp_path / "one", [*common, "deepspeed=zero0"], nproc=1)
     run_stage("sft", tmp_path / "two", [*common, "deepspeed=zero3", "expert_parallel_size=2"], nproc=2)
-    one, two = losses(tmp_path / "one", "ce"), losses(tmp_path / "two", "ce")
+    run_stage("sft", tmp_path / "z2ep", [*common, "deepspeed=zero2", "expert_parallel_size=2"], nproc=2)
+    one, two, z2ep = (losses(tmp_path / d, "ce") for d in ("one", "two", "z2ep"))
     assert one[0] - one[1] > 0.3, one  # the first update really changes the model
     assert one == pytest.approx(two, abs=2e-5, rel=0), (one, two)
+    assert one == pytest.approx(z2ep, abs=2e-5, rel=0), (one, z2ep)  # ZeRO-2 keeps experts in "moe" groups
 
 
 @pytest.mark.parametrize("name, fmt", [("alpaca_en_demo.json", "alpaca"), ("glaive_toolcall_en_demo.json", None),
