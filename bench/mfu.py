@@ -8,6 +8,8 @@
        FLOPs/token = 6 · N_active + 12 · layers · hidden · context   (PaLM appendix B: weights and attention,
                                                                     forward + backward)
    N_active counts the top-k experts, the router, attention, and the LM head (not the embedding lookup).
+3. Ceiling: torch.mm's FLOP/s at the model's own GEMM shapes (small K and per-expert row counts run
+   well below the square-matrix peak), printed beside the MFU.
 Last line:
     mfu: X.XX
 """
@@ -37,6 +39,30 @@ def matmul_peak(dtype, sizes=(512, 1024, 2048), reps=5) -> float:
             torch.mm(a, b)
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
     return best
+
+
+def model_gemm_rate(cfg, tokens: int, reps: int = 3) -> float:
+    """FLOP/s of torch.mm at this model's own GEMM shapes for one step of `tokens` tokens (forward
+    X·W, backward dY·Wᵀ and Xᵀ·dY of every linear; experts see tokens·top_k/experts rows each) —
+    the ceiling a step could reach if it did nothing but its matmuls."""
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    per_expert = tokens * cfg.num_experts_per_tok // cfg.num_local_experts
+    layer = [(tokens, h, cfg.num_attention_heads * hd), (tokens, h, 2 * cfg.num_key_value_heads * hd),
+             (tokens, cfg.num_attention_heads * hd, h), (tokens, h, cfg.num_local_experts)]
+    layer += [(per_expert, h, 2 * f), (per_expert, f, h)] * cfg.num_local_experts
+    shapes = layer * cfg.num_hidden_layers + [(tokens, h, v)]
+    flops = seconds = 0.0
+    for m, k, n in shapes:
+        for a_shape, b_shape in (((m, k), (k, n)), ((m, n), (n, k)), ((k, m), (m, n))):
+            a, b = torch.randn(*a_shape), torch.randn(*b_shape)
+            torch.mm(a, b)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            seconds += (time.perf_counter() - t0) / reps
+            flops += 2 * m * k * n
+    return flops / seconds
 
 
 def main() -> None:
@@ -71,8 +97,11 @@ def main() -> None:
     per_token = 6 * n_active + 12 * cfg.num_hidden_layers * cfg.hidden_size * a.seq
     achieved = tokens_per_s * per_token
     shutil.rmtree(tmp, ignore_errors=True)
+    ceiling = model_gemm_rate(cfg, 4 * a.seq)
     print(f"model {a.model}: {counts['total'] / 1e6:.1f}M parameters, {n_active / 1e6:.1f}M active in matmuls; "
           f"{per_token / 1e6:.1f} MFLOP/token; {tokens_per_s:.0f} tokens/s → {achieved / 1e9:.1f} GFLOP/s")
+    print(f"torch.mm at this model's own GEMM shapes: {ceiling / 1e9:.1f} GFLOP/s = {ceiling / peak32:.2f} of the square "
+          f"peak (the ceiling without custom kernels); the step reaches {achieved / ceiling:.2f} of it")
     print(f"mfu: {achieved / peak32:.2f}")
 
 

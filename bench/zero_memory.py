@@ -59,10 +59,11 @@ def main() -> None:
         print(f"{name:14s} {per_rank}", flush=True)
     base = max(r["state_mb"] for r in res["ZeRO-0"]) if "ZeRO-0" in res else None
     print(f"model: {a.model} preset, {res[next(iter(res))][0]['params_m']:.1f} M parameters, {a.precision}, AdamW, 2 ranks")
-    if base and "ZeRO-3" in res:
+    z3 = "ZeRO-3" if "ZeRO-3" in res else next((k for k in res if k.startswith("ZeRO-3")), None)
+    if base and z3:
         for name, rows in res.items():
             print(f"{name:14s} max per-rank state / ZeRO-0: {max(r['state_mb'] for r in rows) / base:.2f}")
-        print(f"zero-3 / zero-0 per-rank state: {max(r['state_mb'] for r in res['ZeRO-3']) / base:.2f}")
+        print(f"zero-3 / zero-0 per-rank state: {max(r['state_mb'] for r in res[z3]) / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -28,14 +28,23 @@ def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[tor
     """Sum of next-token cross-entropies over label positions, and their count.
 
     labels are unshifted (labels[b, i] is the token at position i); position i-1 predicts it.
-    Only the N labelled positions are gathered and upcast to fp32, so the (B, S, V) logits are
-    never copied in fp32 as a whole.
+    Two ways to the same sum:
+    * mostly labelled fp32 logits (pretraining): cross-entropy straight on the (B·S, V) view with the
+      targets shifted left and `ignore_index` — no copy of the logits, no scatter in backward;
+    * otherwise (SFT answers, bf16): only the N labelled positions are gathered and upcast to fp32,
+      so the log-softmax runs over N rows and the (B, S, V) logits are never copied in fp32 whole.
     """
     targets_BS = labels_BS[:, 1:]
     sel_BS = targets_BS != IGNORE_INDEX
+    n = sel_BS.sum()
+    if logits_BSV.dtype == torch.float32 and 2 * int(n) > sel_BS.numel():
+        shifted_BS = F.pad(targets_BS, (0, 1), value=IGNORE_INDEX)  # the last position predicts nothing
+        total = F.cross_entropy(logits_BSV.flatten(0, 1), shifted_BS.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+        return total, n
     logits_NV = logits_BSV[:, :-1][sel_BS].float()
     total = F.cross_entropy(logits_NV, targets_BS[sel_BS], reduction="sum")
-    return total, sel_BS.sum()
+    return total, n
 
 
 def sequence_logps(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

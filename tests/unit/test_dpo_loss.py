@@ -102,3 +102,25 @@ def test_matches_trl_dpo_trainer(loss_type, eps, tokenizer, tmp_path):
     ours = dpo_loss(pc, pr, rc, rr, 0.2, loss_type, eps)[0].mean()
     assert abs(ours.item() - math.log(2)) > 1e-3 or loss_type == "hinge"  # a non-trivial comparison
     assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("labelled", [0.9, 0.3], ids=["mostly_labelled", "sparse"])
+def test_token_ce_sum_both_paths_match_the_definition(labelled):
+    from model.losses import token_ce_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 11, 50, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11), generator=g)
+    labels[torch.rand(3, 11, generator=g) > labelled] = -100
+    total, n = token_ce_sum(logits, labels)
+    total.backward()
+    want, count = 0.0, 0
+    for b in range(3):
+        for i in range(1, 11):
+            if labels[b, i] != -100:
+                want = want - logits[b, i - 1].log_softmax(-1)[labels[b, i]]
+                count += 1
+    assert int(n) == count and count > 0
+    torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-5)
+    grad = torch.autograd.grad(want, logits)[0]
+    torch.testing.assert_close(logits.grad, grad, atol=1e-5, rtol=1e-5)
