@@ -50,3 +50,26 @@ def run_worker(script: str, spec: dict) -> dict:
     if proc.returncode:
         raise SystemExit(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def trainer_clock():
+    """A transformers TrainerCallback timing training from step 2 on (step 1 warms up, as in our stages)
+    and collecting the logged losses: `.t0`, `.losses`."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t0 = None
+            self.losses = []
+
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == 1 and self.t0 is None:
+                self.t0 = time.time()
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    return Clock()

@@ -13,8 +13,10 @@ import time
 import datasets
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import AutoModelForCausalLM, LlamaTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, LlamaTokenizer
 from trl import DPOConfig, DPOTrainer
+
+from _common import trainer_clock
 
 args = json.loads(sys.argv[1])
 rows = [json.loads(l) for l in open(args["data"])]
@@ -33,21 +35,7 @@ class PreTokenized(DPOTrainer):
         return SequentialSampler(self.train_dataset)  # our global-batch order, written into the file
 
 
-class Clock(TrainerCallback):
-    def __init__(self):
-        self.t0 = None
-        self.losses = []
-
-    def on_step_begin(self, a, state, control, **kw):
-        if state.global_step == 1 and self.t0 is None:  # skip step 1 (warm-up), like ours
-            self.t0 = time.time()
-
-    def on_log(self, a, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
-
-
-clock = Clock()
+clock = trainer_clock()
 cfg = DPOConfig(output_dir=args["out"], per_device_train_batch_size=args["micro"],
                 gradient_accumulation_steps=args["gas"], max_steps=args["steps"], learning_rate=args["lr"],
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,

@@ -11,8 +11,10 @@ import time
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, LlamaTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, LlamaTokenizer
 from trl import SFTConfig, SFTTrainer
+
+from _common import trainer_clock
 
 args = json.loads(sys.argv[1])
 rows = [json.loads(l) for l in open(args["data"])]
@@ -24,21 +26,7 @@ model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
 model.config.output_router_logits = False  # HF aux off on both sides' comparison of ce (ours: aux_loss_coef=0)
 
 
-class Clock(TrainerCallback):
-    def __init__(self):
-        self.t0 = None
-        self.losses = []
-
-    def on_step_begin(self, a, state, control, **kw):
-        if state.global_step == 1 and self.t0 is None:  # skip step 0 (warm-up) like ours
-            self.t0 = time.time()
-
-    def on_log(self, a, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
-
-
-clock = Clock()
+clock = trainer_clock()
 cfg = SFTConfig(output_dir=args["out"], per_device_train_batch_size=args["micro"],
                 gradient_accumulation_steps=args["gas"], max_steps=args["steps"], learning_rate=args["lr"],
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
