@@ -26,7 +26,14 @@ def run_stage(stage: str, out: Path, overrides: list[str], nproc: int = 2, timeo
 
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    """metrics.jsonl rows; a last line still being written (or cut by a kill) is left out."""
+    rows = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
 
 
 def losses(out: Path, key: str = "loss") -> list[float]:

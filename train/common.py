@@ -365,7 +365,7 @@ class Metrics:
         if not run.main:
             return
         if self.path.exists():  # keep exactly one line per step across resumes
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start_step]
+            kept = [l for l in _complete_lines(self.path) if json.loads(l)["step"] <= start_step]
             self.path.write_text("".join(l + "\n" for l in kept))
         from tqdm import tqdm
 
@@ -432,6 +432,17 @@ class Metrics:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """Lines of a JSONL file, without a last line cut short by a kill in the middle of writing it."""
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    return lines
 
 
 def load_heatmap(load_LE: np.ndarray, title: str, path: str | Path | None = None):

@@ -53,14 +53,46 @@ def _wait_for_step(proc, out, step, timeout=300):
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+def _kill_all(proc, out) -> None:
+    """SIGKILL every process of the run at once, as when its machine dies. torchrun starts each rank in a
+    session of its own, so killing torchrun's process group would leave the ranks running: find them
+    by the output folder on their command line."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if f"output_dir={out}" in cmdline.split("\0") and int(entry) != proc.pid:
+                pids.append(int(entry))
+    assert len(pids) == 2, pids  # the two ranks
+    for pid in pids + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in pids:  # wait until the ranks are really gone
+        while _alive(pid):
+            time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_sigkill_at_random_step_then_resume_is_exact(stage, uninterrupted, tmp_path):
     kill_at = random.Random(os.urandom(8)).randint(2, 6)
     out = tmp_path / "run"
     proc = _launch(stage, out, STAGES[stage])
     _wait_for_step(proc, out, kill_at)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, wherever they are (mid-step or mid-save)
-    proc.wait()
+    _kill_all(proc, out)  # torchrun and both ranks, wherever they are (mid-step or mid-save)
     steps_before = [m["step"] for m in metrics(out)]
     resumed = run_stage(stage, out, [*STAGES[stage], "resume=true"])
     assert "resumed from" in resumed.stdout, (kill_at, resumed.stdout[-2000:])
