@@ -212,6 +212,11 @@ def checkpoint_dir(run: Run) -> Path:
     return run.out / "checkpoints"
 
 
+def complete_checkpoints(ckpt: Path) -> list[Path]:
+    """The published `step_<n>` folders, oldest first (a folder gets that name only once complete)."""
+    return sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+
+
 def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None) -> None:
     """Checkpoint `step_<n>`: DeepSpeed's files plus the data position (`client_state["step"]`) and every
     rank's RNG states. Atomic: everything is written under `.step_<n>.partial`; after a barrier (every
@@ -240,14 +245,14 @@ def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None)
         tmp = ckpt / "latest.tmp"
         tmp.write_text(final.name)
         os.replace(tmp, ckpt / "latest")
-        tags = sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+        tags = complete_checkpoints(ckpt)
         for old in tags[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     run.barrier()
 
 
 def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
-    """Load the checkpoint named by `latest` when `resume=true`; returns (step to start at, client state).
+    """Load the newest complete checkpoint when `resume=true`; returns (step to start at, client state).
     DeepSpeed's own files are unpickled with torch.load(weights_only=True) plus an allow-list of the few
     DeepSpeed classes they hold (`safe_checkpoint_loading`); our RNG files are plain tensors."""
     ckpt = checkpoint_dir(run)
@@ -258,7 +263,7 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
         return 0, {}
     # A `step_<n>` folder gets its name only once complete, so the newest one is the one to load
     # (`latest` may lag behind it by one if the crash fell between the rename and `latest`'s update).
-    tags = sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    tags = complete_checkpoints(ckpt)
     if not tags:
         raise RuntimeError(f"{ckpt / 'latest'} exists but {ckpt} holds no complete step_<n> checkpoint")
     tag = tags[-1].name
