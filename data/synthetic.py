@@ -82,22 +82,36 @@ def passkey_document(rng: random.Random, n_filler: int, depth: float, key: int |
     return "\n".join(p for p in (PASSKEY_TASK, prefix, needle, suffix, PASSKEY_QUESTION) if p), key
 
 
-def pretrain_texts(n: int, seed: int = 0, max_filler: int = 8, passkey_share: float = 1 / 3) -> list[str]:
-    """Plain documents: sums and capital facts (all of them, train and held-out) as statements, and
-    passkey documents answered with the key. (Tried: also stating facts as plain "Q: ... A: ..." lines
-    with 10× more documents — held-out exact match after SFT fell from 32% to 12% for the tiny preset:
-    at this size, repetition of fewer documents memorises the facts better.)"""
+def pretrain_texts(n: int, seed: int = 0, max_filler: int = 3, passkey_share: float = 0.1,
+                   qa_share: float = 0.5, max_lines: int = 1) -> list[str]:
+    """Plain documents: sums and capital facts (all of them, train and held-out), each stated either
+    as a sentence or, with probability `qa_share`, as the plain-text question followed by that sentence
+    ("What is the capital of Peru? The capital of Peru is Lima."), and passkey documents answered
+    with the key.
+
+    Measured on the tiny preset (2 layers, hidden 64), 200 steps × 16 rows: documents of ONE fact line
+    are what let it learn to look back at all — with 3-8 lines per document (attention spread over
+    ~100 tokens) it never learned to copy the country from the question into the answer (held-out
+    exact match after SFT 32%, sums recalled 10/100); with one line per document and a constant lr
+    it copies 8/8 held-out countries, recalls 60/100 sums, and SFT reaches 66% held-out exact match.
+    Passkey documents are kept short and rare (10%): long ones took most of the tokens and the
+    tiny model still retrieved 0% of keys."""
     rng = random.Random(seed)
     docs = []
-    for i in range(n):
+    for _ in range(n):
         if rng.random() < passkey_share:
-            text, key = passkey_document(rng, rng.randint(1, max_filler), rng.random())
+            text, key = passkey_document(rng, rng.randint(0, max_filler), rng.random())
             docs.append(f"{text} {key}.")
-        elif i % 2 == 0:
-            docs.append(" ".join(_arith(rng, "all")[1] for _ in range(rng.randint(3, 8))))
-        else:
-            facts = (_capital(rng, "all") for _ in range(rng.randint(3, 8)))
-            docs.append(" ".join(f"The capital of {c} is {k}." for c, k, _ in facts))
+            continue
+        lines = []
+        for _ in range(rng.randint(1, max_lines)):
+            if rng.random() < 0.5:
+                q, a = _arith(rng, "all")
+            else:
+                country, capital, q = _capital(rng, "all")
+                a = f"The capital of {country} is {capital}."
+            lines.append(f"{q} {a}" if rng.random() < qa_share else a)
+        docs.append(" ".join(lines))
     return docs
 
 
