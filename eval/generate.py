@@ -20,6 +20,10 @@ def load(model_path: str | Path, dtype: str = "auto", device: str | None = None)
     """(model, tokenizer) from an HF folder or hub name; safetensors only, no remote code."""
     from transformers import AutoModelForCausalLM
 
+    p = str(model_path)
+    if p.startswith(("/", "./", "../", "~")) and not Path(p).expanduser().is_dir():
+        raise FileNotFoundError(f"model_path {p}: no such folder (an HF export folder, or a hub name like "
+                                f"mistralai/Mixtral-8x7B-v0.1)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "fp32": torch.float32,
                    "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

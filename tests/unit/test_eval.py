@@ -155,3 +155,8 @@ def test_routing_analysis(tiny):
     assert all(abs(sum(row) - 1) < 1e-6 for row in r["load"])
     assert all(0 <= x <= 1 for x in r["same_expert_first"] + r["same_expert_topk"])
     assert all(a <= b for a, b in zip(r["same_expert_first"], r["same_expert_topk"]))
+
+
+def test_load_names_a_missing_local_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_run/hf: no such folder"):
+        load(tmp_path / "no_such_run" / "hf")
