@@ -312,7 +312,7 @@ class PipelineConfig:
     seed: int = 0
     # What made the tiny model learn in minutes (measured; see data/synthetic.py and README): one-line
     # pretraining documents, 400 steps × 16 rows at a constant lr (200 steps recalled 60/100 sums, 400
-    # recall 94/100); then LoRA on attention for SFT, which teaches the [INST] format without overwriting
+    # recall 100/100); then LoRA on attention for SFT, which teaches the [INST] format without overwriting
     # the facts stored in the experts (full SFT: held-out exact match 73%, LoRA: 94%); then a gentle full
     # DPO (LoRA DPO at 1e-3..3e-3 was unstable and lost exact matches; full at 1e-4 lost 6 points).
     pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(
