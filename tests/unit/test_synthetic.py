@@ -44,7 +44,7 @@ def test_preference_pairs_chosen_right_rejected_wrong_and_split():
         for p in synthetic.preference_pairs(400, split=split):
             q = p["prompt"][0]["content"]
             assert _correct(q, p["chosen"]) and not _correct(q, p["rejected"]), p
-            assert synthetic._heldout(_problem(q).replace(" ", "")) == (split == "heldout")
+            assert synthetic._heldout(_problem(q)) == (split == "heldout")
 
 
 def test_training_pairs_never_reject_a_heldout_answer():
