@@ -29,7 +29,6 @@ def live_tensor_bytes() -> int:
 
 
 def main() -> None:
-    from model.losses import token_ce_sum
     from train import common
     from train.config import compose
 
@@ -41,13 +40,15 @@ def main() -> None:
     before = live_tensor_bytes()
     model = common.load_model(cfg, run)
     engine, _ = common.build_engine(cfg, model, run)
+    head = model.get_output_embeddings()
     del model
     g = torch.Generator().manual_seed(run.rank)
     peak = 0
     for _ in range(2):  # Adam's state exists after the first step; the peak is step 2 before its update
         ids = torch.randint(3, 32000, (cfg.micro_batch_size, cfg.max_seq_len), generator=g)
-        out = engine(input_ids=ids, use_cache=False)
-        loss = token_ce_sum(out.logits.float(), ids)[0] / ids.numel()
+        with head.loss_on(ids):
+            out = engine(input_ids=ids, use_cache=False)
+        loss = out.logits / ids.numel()  # Σ CE from the LossHead
         engine.backward(loss)
         del out, loss
         gc.collect()

@@ -2,9 +2,11 @@
 
     python bench/mfu.py [--model small] [--steps 8] [--threads 2]
 
-1. Peak: the best FLOP/s of square torch.mm (2·n³ FLOPs) over a few sizes, fp32 and bf16.
-2. Achieved: `train/sft.py` (one process, ZeRO-0, fp32) on the chosen preset; from its
-   metrics.jsonl, tokens/s of all real tokens × FLOPs per token, where
+1. Peak: the best FLOP/s of square torch.mm (2·n³ FLOPs) over a few sizes, fp32 and bf16. A shared
+   2-core VM's speed drifts by ±15% within seconds, so the fp32 peak is the *median* of `--peak-samples`
+   measurements taken before and after the training run, and the step's rate is the median step.
+2. Achieved: `train/pretrain.py` (one process, ZeRO-0, fp32) on the chosen preset; from its
+   metrics.jsonl, the median step's tokens/s of all real tokens × FLOPs per token, where
        FLOPs/token = 6 · N_active + 12 · layers · hidden · context   (PaLM appendix B: weights and attention,
                                                                     forward + backward)
    N_active counts the top-k experts, the router, attention, and the LM head (not the embedding lookup).
@@ -16,6 +18,7 @@ Last line:
 
 import argparse
 import json
+import statistics
 import os
 import shutil
 import subprocess
@@ -68,13 +71,14 @@ def model_gemm_rate(cfg, tokens: int, reps: int = 3) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="small")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--peak-samples", type=int, default=10, help="fp32 peak measurements, half before, half after")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s ({a.threads} threads)")
+    peaks = [matmul_peak(torch.float32) for _ in range((a.peak_samples + 1) // 2)]
+    peak16 = matmul_peak(torch.bfloat16)
 
     from omegaconf import OmegaConf
 
@@ -93,13 +97,18 @@ def main() -> None:
     if proc.returncode:
         raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
     m = [json.loads(l) for l in (tmp / "metrics.jsonl").read_text().splitlines()][1:]
-    tokens_per_s = sum(r["tokens"] for r in m) / sum(r["step_time_s"] for r in m)
+    tokens_per_s = statistics.median(r["tokens"] / r["step_time_s"] for r in m)
+    peaks += [matmul_peak(torch.float32) for _ in range(a.peak_samples // 2)]
+    peak32 = statistics.median(peaks)
+    print(f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s (median of {len(peaks)}: {min(peaks) / 1e9:.0f}-"
+          f"{max(peaks) / 1e9:.0f}), bf16 {peak16 / 1e9:.1f} GFLOP/s ({a.threads} threads)")
     per_token = 6 * n_active + 12 * cfg.num_hidden_layers * cfg.hidden_size * a.seq
     achieved = tokens_per_s * per_token
     shutil.rmtree(tmp, ignore_errors=True)
     ceiling = model_gemm_rate(cfg, 4 * a.seq)
     print(f"model {a.model}: {counts['total'] / 1e6:.1f}M parameters, {n_active / 1e6:.1f}M active in matmuls; "
-          f"{per_token / 1e6:.1f} MFLOP/token; {tokens_per_s:.0f} tokens/s → {achieved / 1e9:.1f} GFLOP/s")
+          f"{per_token / 1e6:.1f} MFLOP/token; {tokens_per_s:.0f} tokens/s (median step of {len(m)}) → "
+          f"{achieved / 1e9:.1f} GFLOP/s")
     print(f"torch.mm at this model's own GEMM shapes: {ceiling / 1e9:.1f} GFLOP/s = {ceiling / peak32:.2f} of the square "
           f"peak (the ceiling without custom kernels); the step reaches {achieved / ceiling:.2f} of it")
     print(f"mfu: {achieved / peak32:.2f}")

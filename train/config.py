@@ -46,7 +46,7 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     attn_implementation: str = "sdpa"
-    experts_implementation: str = "grouped_mm"  # grouped_mm | batched_mm | eager (HF's per-expert loop)
+    experts_implementation: str = "sorted_grouped_mm"  # sorted_grouped_mm (model/experts.py) | grouped_mm | batched_mm | eager
     gradient_checkpointing: bool = False
 
 
@@ -215,7 +215,7 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
     _one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
-    _one_of("model.experts_implementation", m.experts_implementation, ("grouped_mm", "batched_mm", "eager"))
+    _one_of("model.experts_implementation", m.experts_implementation, ("sorted_grouped_mm", "grouped_mm", "batched_mm", "eager"))
     _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
     if len(cfg.optim.betas) != 2:

@@ -62,9 +62,11 @@ def guarded(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             device = grads[0].device if grads else torch.device("cpu")
             bad = torch.tensor([float(self.nonfinite_loss)], device=device)
+            # A NaN or ±inf anywhere makes its tensor's sum non-finite: one cheap reduction per tensor (a finite
+            # gradient whose sum overflows fp32, beyond 3e38, counts as non-finite too).
             if grads:
-                finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-                bad = torch.maximum(bad, (~finite).float().reshape(1))
+                sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
+                bad = torch.maximum(bad, (~torch.isfinite(sums).all()).float().reshape(1))
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             self.nonfinite_loss = False

@@ -23,7 +23,6 @@ from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
-from model.losses import token_ce_sum
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
 from train import common, faults
 
@@ -41,6 +40,7 @@ def main(cfg) -> None:
         model = apply_lora(model, cfg.lora)
     engine, guard = common.build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
+    head = model.get_output_embeddings()  # a LossHead: returns Σ CE instead of logits inside loss_on
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
     balance = ExpertLoadAccumulator(top_k) if cfg.router.global_batch else None
     batches = GlobalBatches(len(rows), cfg.global_batch_size, cfg.seed)
@@ -56,13 +56,12 @@ def main(cfg) -> None:
         counts_LE = torch.zeros(recorder.num_layers, num_experts, dtype=torch.float64)
         for b in micro_batches:
             b = {k: v.to(run.device) for k, v in b.items()}
-            with recorder:
+            with recorder, head.loss_on(b["labels"]):
                 out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
             real = b["real_mask"].reshape(-1)
             if balance is not None:
                 balance.add(recorder.logits, real)
-            ce_sum, _ = token_ce_sum(out.logits, b["labels"])
-            ce = ce_sum / n_labels.to(ce_sum)
+            ce = out.logits / n_labels.to(out.logits)  # out.logits is Σ −log p(label) (LossHead)
             aux = load_balancing_loss(recorder.logits, top_k, real, balance.fraction() if balance else None)
             z = z_loss(recorder.logits, real)
             # DeepSpeed divides gradients by the accumulation steps and averages them over ranks;

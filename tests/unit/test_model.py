@@ -84,9 +84,9 @@ def test_gradient_checkpointing_records_once_and_router_gets_grad(tiny_preset):
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("impl", ["sorted_grouped_mm", "grouped_mm", "batched_mm"])
 def test_expert_kernels_match_the_eager_loop(tiny_preset, impl):
-    """The default `experts_implementation` computes what HF's per-expert loop computes, gradients too."""
+    """Each `experts_implementation` (ours is the default) computes what HF's per-expert loop computes, gradients too."""
     ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
     results = {}
     for name in ("eager", impl):
