@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from model import experts  # registers the "sorted_grouped_mm" expert kernel
+from model import attention, experts  # register the "packed_sdpa" attention and "sorted_grouped_mm" expert kernels
 
 # Preset keys that are about how to build, not part of MixtralConfig.
 BUILD_KEYS = ("name", "attn_implementation", "experts_implementation", "gradient_checkpointing")
@@ -56,7 +56,8 @@ def build_model(
         model_path: an HF folder (config.json + safetensors) or hub name; weights are read from
             safetensors only and `trust_remote_code` stays off.
         dtype: parameter dtype.
-        attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
+        attn_implementation: "packed_sdpa" (default, model/attention.py: per-document attention for packed
+            training rows on CPU, else transformers' "sdpa"), "sdpa", "eager" or "flash_attention_2".
         The preset's `experts_implementation` picks the expert kernel: "sorted_grouped_mm" (default,
         model/experts.py: one grouped GEMM per projection over the tokens sorted by expert — transformers'
         "grouped_mm" without its expert-parallel sentinel masking, 1.2× faster per MoE block), "grouped_mm"
@@ -66,7 +67,7 @@ def build_model(
         seed: seeds the fresh initialisation (same seed → same weights on every rank).
     """
     preset = dict(preset)
-    attn = attn_implementation or preset.get("attn_implementation", "sdpa")
+    attn = attn_implementation or preset.get("attn_implementation", attention.NAME)
     if model_path is not None:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_path), dtype=dtype, attn_implementation=attn,

@@ -45,7 +45,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     bos_token_id: int = 1
     eos_token_id: int = 2
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "packed_sdpa"  # packed_sdpa (model/attention.py) | sdpa | eager | flash_attention_2 | flex_attention
     experts_implementation: str = "sorted_grouped_mm"  # sorted_grouped_mm (model/experts.py) | grouped_mm | batched_mm | eager
     gradient_checkpointing: bool = False
 
@@ -214,7 +214,7 @@ def validate(cfg, world_size: int | None = None) -> None:
     if cfg.max_seq_len > m.max_position_embeddings:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
-    _one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
+    _one_of("model.attn_implementation", m.attn_implementation, ("packed_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"))
     _one_of("model.experts_implementation", m.experts_implementation, ("sorted_grouped_mm", "grouped_mm", "batched_mm", "eager"))
     _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
