@@ -141,3 +141,29 @@ def test_packed_attention_matches_the_masked_sdpa(tiny_preset, monkeypatch):
         b = model(input_ids=other, position_ids=position_ids).logits
     torch.testing.assert_close(a[0, 7:], b[0, 7:])
     assert not torch.allclose(a[0, :7], b[0, :7])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_head_returns_the_cross_entropy_of_the_logits(tiny_preset, tied):
+    """`LossHead` keeps the state dict (tied or not) and, inside `loss_on`, returns Σ CE of the logits it
+    returns outside it; its gradients equal autograd's through the logits."""
+    from model.head import LossHead, install_loss_head
+
+    model = build_model({**tiny_preset, "tie_word_embeddings": tied}, seed=0)
+    keys, weight = list(model.state_dict()), model.get_output_embeddings().weight
+    head = install_loss_head(model)
+    assert isinstance(model.lm_head, LossHead) and head.weight is weight and list(model.state_dict()) == keys
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (2, 16), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    logits = model(input_ids=ids).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+    want_grad = torch.autograd.grad(want, weight)[0]
+    with head.loss_on(labels):
+        total = model(input_ids=ids).logits
+    assert total.dim() == 0 and head.labels_BS is None
+    torch.testing.assert_close(total, want, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(total, weight)[0], want_grad, atol=1e-5, rtol=1e-4)
