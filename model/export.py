@@ -64,7 +64,7 @@ def _hf_name(name: str) -> str:
     for prefix in ("module.", "base_model.model."):
         if name.startswith(prefix):
             name = name[len(prefix):]
-    name = name.replace(".base_layer.", ".").replace(".mlp.router.gate.", ".mlp.gate.")
+    name = name.replace(".base_layer.", ".").replace(".mlp.router.gate.", ".mlp.gate.").replace(".modules_to_save.default.", ".")
     return name
 
 
@@ -132,6 +132,8 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
             continue
         if dtype is not None and full.is_floating_point():
             full = full.to(dtype)
+        if ".original_module." in name:  # peft keeps the untrained copy of a module to save
+            continue
         m = _LORA.match(name)
         if m:
             lora.setdefault(m.group(1), {})[m.group(2)] = full
@@ -186,23 +188,30 @@ def _maybe_merge(key, lora, base_weights, writer, scaling) -> None:
         writer.add(_hf_name(key) + ".weight", merged)
 
 
-def verify_export(engine, out_dir: str | Path, check_file: str | Path, seq_len: int = 32, tol: float = 1e-4) -> float:
-    """Compare the live model's logits with the exported folder's on a fixed probe batch.
-
-    All ranks run the live forward (ZeRO-3/AutoEP need them); rank 0 reloads the export with
-    `AutoModelForCausalLM.from_pretrained` and saves {input_ids, live_logits, max_abs_diff} to
-    `check_file`. Raises if the difference exceeds `tol` (relative to the logits' scale).
-    """
-    from transformers import AutoModelForCausalLM
-
+def live_probe(engine, seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (2, seq_len), live logits (2, seq_len, V) fp32 on CPU) of a fixed probe batch. All ranks
+    run the forward (ZeRO-3/AutoEP need them)."""
     gen = torch.Generator().manual_seed(1234)
-    vocab = engine.module.config.vocab_size
-    ids = torch.randint(3, vocab, (2, seq_len), generator=gen)
+    ids = torch.randint(3, engine.module.config.vocab_size, (2, seq_len), generator=gen)
     was_training = engine.module.training
     engine.eval()
     with torch.no_grad():
         live = engine(input_ids=ids.to(engine.device), use_cache=False).logits.float().cpu()
     engine.train(was_training)
+    return ids, live
+
+
+def verify_export(engine, out_dir: str | Path, check_file: str | Path, probe=None, tol: float = 1e-4) -> float:
+    """Compare the live model's logits with the exported folder's on a fixed probe batch.
+
+    `probe` is `live_probe(engine)` taken earlier (before peft merged adapters in place, so the
+    check covers the merge too); None takes it now. Rank 0 reloads the export with
+    `AutoModelForCausalLM.from_pretrained` and saves {input_ids, live_logits, max_abs_diff} to
+    `check_file`. Raises if the difference exceeds `tol` (relative to the logits' scale).
+    """
+    from transformers import AutoModelForCausalLM
+
+    ids, live = probe if probe is not None else live_probe(engine)
     diff = 0.0
     if _rank() == 0:
         exported = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, trust_remote_code=False).eval()

@@ -30,14 +30,11 @@ def apply_lora(model, lora_cfg):
         r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules),
         target_parameters=["experts.gate_up_proj", "experts.down_proj"] if lora_cfg.experts else None,
+        # a trained router is a peft "module to save": its weights then travel in the adapter folder
+        modules_to_save=["mlp.gate"] if lora_cfg.train_router else None,
         bias="none", task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
-    if lora_cfg.train_router:
-        for name, p in peft_model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.requires_grad_(True)
-    return peft_model
+    return get_peft_model(model, config)
 
 
 def lora_scaling(lora_cfg) -> float:
@@ -50,15 +47,12 @@ def save_adapter(peft_model, out_dir: str | Path, write: bool) -> None:
 
     state = {}
     for name, p in peft_model.named_parameters():
-        if "lora_" in name or (p.requires_grad and "mlp.gate" in name):
+        if "lora_" in name or ".modules_to_save." in name:
             full = _gather_full(p)
             if write:
                 state[name] = full
-    if write:
-        from peft import get_peft_model_state_dict
-
-        adapter_state = get_peft_model_state_dict(peft_model, state_dict=state)
-        peft_model.save_pretrained(str(out_dir), state_dict=adapter_state)
+    if write:  # save_pretrained selects and renames the adapter's entries (get_peft_model_state_dict) itself
+        peft_model.save_pretrained(str(out_dir), state_dict=state)
 
 
 def merged_for_export(peft_model):

@@ -344,10 +344,11 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
 
 
 def _export(engine, cfg, run: Run, model, tokenizer) -> None:
-    from model.export import export_hf, verify_export
+    from model.export import export_hf, live_probe, verify_export
     from model.lora import lora_scaling, merged_for_export, save_adapter
 
     t0 = time.time()
+    probe = live_probe(engine) if cfg.verify_export else None  # before peft merges expert adapters in place
     module, scaling = engine.module, None
     if cfg.lora.enabled:
         save_adapter(module, run.out / "adapter", run.main)
@@ -358,7 +359,7 @@ def _export(engine, cfg, run: Run, model, tokenizer) -> None:
     export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling)
     run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
     if cfg.verify_export:
-        diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt")
+        diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt", probe)
         run.print(f"[{cfg.stage}] export check: max |logits(export) - logits(live)| = {diff:.2e}")
 
 
