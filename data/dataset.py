@@ -63,7 +63,8 @@ def load_canonical(data_cfg, kind: str, seed: int, skipped_path: str | Path | No
     """
     report = report if report is not None else DataReport()
     if data_cfg.path == "synthetic":
-        out = synthetic.records(kind, data_cfg.synthetic_samples, seed)
+        out = synthetic.records(kind, data_cfg.synthetic_samples, seed, passkey_share=data_cfg.synthetic_passkey_share,
+                                passkey_filler=data_cfg.synthetic_passkey_filler)
     else:
         out, skipped, seen = [], [], {}
         for rec in read_records(data_cfg.path, split=data_cfg.split, name=data_cfg.name, text_field=data_cfg.text_field,

@@ -150,10 +150,12 @@ def preference_pairs(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     return pairs
 
 
-def records(kind: str, n: int, seed: int = 0, split: str = "train") -> list[dict]:
-    """Canonical records of `kind` ("text", "messages", "preference") for `data.path=synthetic`."""
+def records(kind: str, n: int, seed: int = 0, split: str = "train", passkey_share: float = 0.1,
+            passkey_filler: int = 3) -> list[dict]:
+    """Canonical records of `kind` ("text", "messages", "preference") for `data.path=synthetic`;
+    `passkey_share` and `passkey_filler` shape the pretraining documents (see `pretrain_texts`)."""
     if kind == "text":
-        return [{"text": t} for t in pretrain_texts(n, seed)]
+        return [{"text": t} for t in pretrain_texts(n, seed, max_filler=passkey_filler, passkey_share=passkey_share)]
     if kind == "messages":
         return sft_chats(n, seed, split)
     if kind == "preference":

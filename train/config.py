@@ -84,6 +84,8 @@ class DataConfig:
     max_record_chars: int = 1_000_000 # a longer line/record is an error (a broken export, not a sample)
     max_samples: Optional[int] = None
     synthetic_samples: int = 2000
+    synthetic_passkey_share: float = 0.1  # share of synthetic pretraining documents that are passkey documents,
+    synthetic_passkey_filler: int = 3     # holding 0..this many filler units (data/synthetic.py: pretrain_texts)
     num_proc: int = 1
     cache_dir: Optional[str] = None   # tokenization cache; default <output_dir>/cache
 
@@ -222,6 +224,11 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: expected two values")
     _one_of("data.format", cfg.data.format, DATA_FORMATS)
     _one_of("data.overlong", cfg.data.overlong, ("truncate", "drop"))
+    share = cfg.data.synthetic_passkey_share
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"data.synthetic_passkey_share={share}: expected a share between 0 and 1")
+    if cfg.data.synthetic_passkey_filler < 0:
+        raise ConfigError(f"data.synthetic_passkey_filler={cfg.data.synthetic_passkey_filler}: expected >= 0")
     _one_of("data.on_error", cfg.data.on_error, ("raise", "skip"))
     if cfg.data.max_record_chars < 1:
         raise ConfigError(f"data.max_record_chars={cfg.data.max_record_chars}: must be >= 1")
@@ -313,9 +320,12 @@ class PipelineConfig:
     # What made the tiny model learn in minutes (measured; see data/synthetic.py and README): one-line
     # pretraining documents, 400 steps × 16 rows at a constant lr (200 steps recalled 60/100 sums, 400
     # recall 100/100); then LoRA on attention for SFT, which teaches the [INST] format without overwriting
-    # the facts stored in the experts (full SFT: held-out exact match 73%, LoRA: 94%); then a gentle full
-    # DPO (LoRA DPO at 1e-3..3e-3 was unstable and lost exact matches; full at 1e-4 lost 6 points; 8 pairs
-    # per step instead of 4 kept every held-out answer: exact match 92% → 100% instead of → 90%).
+    # the facts stored in the experts (full SFT: held-out exact match 73%, LoRA: 94%); then DPO through
+    # LoRA adapters on attention AND experts (8 pairs per step, lr 3e-4): full DPO (lr 5e-5..1e-4, any
+    # beta or sft_weight) lowered each rejected capital where it trained on it and barely elsewhere, and
+    # ranked held-out capital pairs right 80-85% of the time; with the embeddings and LM head frozen the
+    # preference has to be learned in the shared layers, and held-out capitals rose to 94.5% (all pairs
+    # 97%). Attention-only adapters: 91% at 5e-4, 74-76% at 8e-4..1e-3.
     pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(
         recipe="tiny/pretrain", max_steps=400, overrides=["micro_batch_size=8", "global_batch_size=16",
                                                           "optim.schedule=constant", "data.synthetic_samples=20000"]))
@@ -323,9 +333,13 @@ class PipelineConfig:
         recipe="tiny/sft", max_steps=80, overrides=["lora.enabled=true", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
                                                      "optim.lr=3e-3", "optim.schedule=constant"]))
     dpo: PipelineStage = field(default_factory=lambda: PipelineStage(
-        recipe="tiny/dpo", max_steps=120, overrides=["optim.lr=5e-5", "data.synthetic_samples=1000",
+        recipe="tiny/dpo", max_steps=120, overrides=["lora.enabled=true", "lora.experts=true", "lora.r=16", "lora.alpha=32",
+                                                     "lora.dropout=0.0", "optim.lr=3e-4", "data.synthetic_samples=1000",
                                                      "global_batch_size=8"]))
-    heldout: int = 100                   # held-out prompts / pairs / documents per measurement
+    heldout: int = 100                   # held-out prompts / documents per measurement
+    # held-out preference pairs: forward passes only, so many. Half are capitals over only 8 held-out
+    # countries, and 50 of them measured 70% where 200 measured 84.5% (same model): the draw of countries
+    heldout_pairs: int = 400
     passkey_lengths: list[int] = field(default_factory=lambda: [128, 256])
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     passkey_trials: int = 5

@@ -94,10 +94,12 @@ def evaluate(cfg, out: Path, walls: dict) -> str:
     uni_loss = curriculum.unigram_loss(tok, train_docs, heldout_docs)
     # SFT and DPO: held-out prompts and pairs
     chats = synthetic.sft_chats(n, seed=cfg.seed, split="heldout")
-    pairs = synthetic.preference_pairs(n, seed=cfg.seed, split="heldout")
+    pairs = synthetic.preference_pairs(cfg.heldout_pairs, seed=cfg.seed, split="heldout")
     em = {name: curriculum.exact_match(m, tok, chats) for name, m in (("pretrain", pre), ("sft", sft), ("dpo", dpo))}
     beta = OmegaConf.load(out / "dpo" / "config.yaml").dpo.beta
     pref = curriculum.preference_eval(dpo, sft, tok, pairs, beta)
+    pref_kind = {kind: curriculum.preference_eval(dpo, sft, tok, [p for p in pairs if (" + " in p["chosen"]) == (kind == "sums")],
+                                                  beta)["reward_accuracy"] for kind in ("sums", "capitals")}
     pref_sft = curriculum.preference_eval(sft, sft, tok, pairs, beta)
     pk_cfg = OmegaConf.merge(OmegaConf.structured(PasskeyConfig), {"model_path": str(out / "dpo" / "hf"),
                              "lengths": list(cfg.passkey_lengths), "depths": list(cfg.passkey_depths),
@@ -152,7 +154,7 @@ Expert load at the last step of each stage: ![pretrain](experts_pretrain.png) ![
 | unigram baseline on the same documents | {uni_loss:.3f} |
 | SFT exact match on held-out prompts: before SFT (pretrained) | {em['pretrain']['exact_match']:.1%} |
 | SFT exact match: after SFT | {em['sft']['exact_match']:.1%} |
-| DPO held-out reward accuracy (policy vs SFT reference) | {pref['reward_accuracy']:.1%} |
+| DPO held-out reward accuracy (policy vs SFT reference), {pref['n']} pairs | {pref['reward_accuracy']:.1%} (sums {pref_kind['sums']:.1%}, capitals {pref_kind['capitals']:.1%}) |
 | DPO held-out reward margin | {pref['reward_margin']:.3f} (SFT vs itself: {pref_sft['reward_margin']:.3f}) |
 | exact match after DPO | {em['dpo']['exact_match']:.1%} |
 | passkey accuracy, pretrained model (completion) | {pk_pre['accuracy']:.1%} |
@@ -160,15 +162,21 @@ Expert load at the last step of each stage: ![pretrain](experts_pretrain.png) ![
 
 Examples after SFT: {json.dumps(em['sft']['examples'][:3], ensure_ascii=False)}
 
-## Passkey retrieval (final model, lengths the model was trained at)
+## Passkey retrieval (lengths the model was trained at)
+
+Pretrained model (completion):
+
+{passkey.markdown_table(pk_pre['cells'], list(cfg.passkey_lengths), list(cfg.passkey_depths))}
+
+Final model (completion):
 
 {passkey.markdown_table(pk['cells'], list(cfg.passkey_lengths), list(cfg.passkey_depths))}
 
-![passkey](passkey/passkey.png)
+![passkey, pretrained](passkey_pretrain/passkey.png) ![passkey, final](passkey/passkey.png)
 {mt}"""
     summary = {"pretrain_heldout_loss": pre_loss, "unigram_loss": uni_loss,
                "exact_match": {k: v["exact_match"] for k, v in em.items()},
-               "dpo_reward_accuracy": pref["reward_accuracy"], "dpo_reward_margin": pref["reward_margin"],
+               "dpo_reward_accuracy": pref["reward_accuracy"], "dpo_reward_accuracy_by_kind": pref_kind, "dpo_reward_margin": pref["reward_margin"],
                "passkey_pretrain": pk_pre["accuracy"], "passkey_final": pk["accuracy"], "wall_s": walls}
     (out / "report.md").write_text(report)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

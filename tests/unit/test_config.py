@@ -61,6 +61,8 @@ def _error_text(overrides, world_size=None):
         (["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"], None, "offload_param"),
         (["lora.enabled=true", "expert_parallel_size=2"], None, "expert_parallel_size>1"),
         (["lora.enabled=true", "lora.experts=true", "deepspeed=zero3"], None, "lora.experts=true with ZeRO-3"),
+        (["data.synthetic_passkey_share=1.5"], None, "data.synthetic_passkey_share=1.5"),
+        (["data.synthetic_passkey_filler=-1"], None, "data.synthetic_passkey_filler=-1"),
     ],
 )
 def test_config_errors_name_the_key(overrides, world_size, needle):

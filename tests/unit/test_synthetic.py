@@ -61,3 +61,28 @@ def test_pretraining_states_every_fact_of_both_splits():
     for a in range(synthetic.ARITH_MAX + 1):
         for b in range(synthetic.ARITH_MAX + 1):
             assert f"{a} + {b} = {a + b}." in text
+
+
+
+def test_passkey_documents_have_the_eval_protocols_layout():
+    """Training documents drawn with the protocol's filler are eval/passkey.py's prompts, character for character."""
+    import random
+
+    from eval import passkey
+
+    rng, checked = random.Random(0), 0
+    while checked < 20:
+        n, depth = rng.randint(0, 6), rng.choice([0.0, 0.25, 0.5, 1.0])
+        text, key = synthetic.passkey_document(rng, n, depth)
+        if synthetic.FILLER in text or n == 0:
+            assert text == passkey.passkey_text(n, depth, key, "completion"), (n, depth)
+            checked += 1
+
+
+def test_records_passkey_knobs():
+    assert synthetic.records("text", 300, seed=1) == [{"text": t} for t in synthetic.pretrain_texts(300, seed=1)]
+    plain = synthetic.records("text", 300, seed=1)
+    none = synthetic.records("text", 300, seed=1, passkey_share=0.0)
+    assert sum("pass key" in r["text"] for r in plain) > 10 and not any("pass key" in r["text"] for r in none)
+    long = synthetic.records("text", 300, seed=1, passkey_share=1.0, passkey_filler=8)
+    assert max(len(r["text"]) for r in long) > max(len(r["text"]) for r in plain if "pass key" in r["text"])
