@@ -20,8 +20,8 @@ def test_pipeline_small_budget(tmp_path):
            # a 60-step pretraining holds too few facts for the default LoRA SFT to move far in 30 steps
            # (ce 1.30 -> 0.99), and 15 DPO steps at the default 3e-4 barely move: faster settings here
            "sft.overrides=['optim.lr=1e-3','optim.schedule=constant']",
-           "dpo.overrides=['lora.enabled=true','lora.experts=true','optim.lr=1e-3']",
-           "heldout=24", "heldout_pairs=48", "passkey_lengths=[128]", "passkey_depths=[0.0,1.0]",
+           "dpo.overrides=['lora.enabled=true','lora.experts=true','optim.lr=3e-3','optim.schedule=constant','global_batch_size=8']",
+           "heldout=24", "heldout_pairs=96", "passkey_lengths=[128]", "passkey_depths=[0.0,1.0]",
            "passkey_trials=2", f"mt_bench.questions={REPO.parent / 'shared/data/mt_bench/question.jsonl'}",
            "mt_bench.limit=2", "mt_bench.max_new_tokens=4"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={"PYTHONWARNINGS": "ignore",
@@ -38,14 +38,13 @@ def test_pipeline_small_budget(tmp_path):
     assert sft[-1]["ce"] < 0.7 * sft[0]["ce"]                                     # SFT learned its chats
     dpo = [json.loads(l) for l in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert abs(dpo[0]["dpo"] - math.log(2)) < 1e-5                                # starts at policy == reference
-    late = dpo[-5:]
-    assert sum(m["rewards/margins"] for m in late) / 5 > 0                         # and prefers the chosen answers
-    assert 0.0 <= s["dpo_reward_accuracy"] <= 1.0 and math.isfinite(s["dpo_reward_margin"])
+    assert sum(m["rewards/margins"] for m in dpo) > 0                            # prefers the chosen answers
+    assert s["dpo_reward_accuracy"] > 0.5 and s["dpo_reward_margin"] > 0          # on held-out pairs too
     report = (out / "report.md").read_text()
     assert "| SFT exact match: after SFT |" in report and "## Passkey retrieval" in report
     if (REPO.parent / "shared/data/mt_bench/question.jsonl").is_file():
         assert "2 questions answered" in report
     # rerunning skips the finished stages
-    again = subprocess.run(cmd[:3] + ["heldout=8", "passkey_lengths=[128]", "passkey_depths=[0.0]", "passkey_trials=1"],
+    again = subprocess.run(cmd[:3] + ["heldout=8", "heldout_pairs=8", "passkey_lengths=[128]", "passkey_depths=[0.0]", "passkey_trials=1"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already done") == 3
