@@ -62,8 +62,23 @@ def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_seq_
     return prompt, chosen, rejected
 
 
-def collate(pairs: list[dict], pad_id: int) -> dict:
-    """Rows for a micro-batch of fitted pairs (each with prompt_ids/chosen_ids/rejected_ids), `(B, L)`."""
+def common_suffix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common suffix of two different answers, leaving each at least one token."""
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False) -> dict:
+    """Rows for a micro-batch of fitted pairs (each with prompt_ids/chosen_ids/rejected_ids), `(B, L)`.
+
+    A shared answer PREFIX cancels in the DPO margin by itself (same context, same log-probs under policy
+    and reference). A shared SUFFIX does not: its tokens follow different text. `mask_common_suffix`
+    leaves it out of both answers' labels. On pairs that differ in one word ("... is Lima. </s>" against
+    "... is Rome. </s>"), plain DPO lowers the shared ". </s>" after the rejected word and, with it, the
+    end of every answer: measured on the embedded pipeline, held-out answers ran on past their end
+    (p(</s>) after "Damascus." 0.79 → 0.0003)."""
     seqs = []
     for p in pairs:
         a = p["prompt_ids"] + p["chosen_ids"]
@@ -78,11 +93,12 @@ def collate(pairs: list[dict], pad_id: int) -> dict:
     router_mask = torch.zeros((B, width), dtype=torch.bool)
     for r, (p, a, b) in enumerate(seqs):
         n_p = len(p["prompt_ids"])
+        k = common_suffix(p["chosen_ids"], p["rejected_ids"]) if mask_common_suffix else 0
         at = 0
         for seg, ids in ((1, a), (2, b)):
             n = len(ids)
             input_ids[r, at:at + n] = torch.tensor(ids)
-            labels[r, at + n_p:at + n] = torch.tensor(ids[n_p:])
+            labels[r, at + n_p:at + n - k] = torch.tensor(ids[n_p:n - k])
             segment[r, at + n_p:at + n] = seg
             position_ids[r, at:at + n] = torch.arange(n)
             router_mask[r, at + (n_p if seg == 2 else 0):at + n] = True

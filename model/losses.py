@@ -107,12 +107,21 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example DPO-family losses and implicit rewards, all `(B,)`.
 
+        h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l))
+            − λ · max(0, log π_ref(y_w) − log π(y_w))          (DPOP, when dpop_lambda = λ > 0)
+
+    DPOP (DPO-Positive, Pal et al. 2024, eq. 3) penalises the chosen answer's log-likelihood falling
+    below the reference's. Plain DPO only widens the gap, and on pairs that differ in a few tokens it
+    widens it by lowering both answers' shared tokens: the chosen answer's likelihood falls.
     For `ipo`, pass log-probs averaged over response tokens (as the IPO paper and TRL do).
     """
     h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if dpop_lambda:
+        h = h - dpop_lambda * torch.relu(ref_chosen_logps - policy_chosen_logps)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
     elif loss_type == "robust":

@@ -9,10 +9,12 @@ chosen/rejected, or HH-RLHF transcripts (data/formats.py) → one row per pair h
 as isolated segments (data/preference.py): ONE forward gives both log-probs.
 
 Loss per optimizer step over the G pairs of the global batch (model/losses.py for the formulas):
-    logp(y|x) = Σ_(answer tokens incl. </s>) log π(token)        (IPO: averaged over the tokens)
+    logp(y|x) = Σ_(answer tokens incl. </s>) log π(token)        (IPO: averaged over the tokens;
+                with dpo.mask_common_suffix, without the ending both answers share, data/preference.py)
     dpo  = (1/G) Σ_pairs dpo_loss(logp_π(y_w), logp_π(y_l), logp_ref(y_w), logp_ref(y_l))
     nll  = −Σ_(chosen tokens) log π / (number of chosen tokens)  (RPO-style, when dpo.sft_weight > 0)
     loss = dpo + dpo.sft_weight · nll + router.aux_loss_coef · aux + router.z_loss_coef · z
+(dpo.dpop_lambda > 0: DPO-Positive, model/losses.py.)
 aux and z are taken on the policy pass with the shared prompt counted once. With policy == reference
 the first loss is ln 2 ≈ 0.6931 (sigmoid).
 """
@@ -61,7 +63,7 @@ def main(cfg) -> None:
     engine.train()
     while step < cfg.max_steps:
         index = batches.micro_batches(step, run.rank, run.world, cfg.micro_batch_size)
-        micro_batches = [collate([pairs[i] for i in ix], tokenizer.pad_id) for ix in index]
+        micro_batches = [collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix) for ix in index]
         n_chosen_tokens = run.all_sum(sum(int((b["segment"] == 1).sum()) for b in micro_batches))
         sums = torch.zeros(7, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll
         aux_total = z_total = 0.0
@@ -84,7 +86,7 @@ def main(cfg) -> None:
             if ipo:  # IPO compares per-token averages
                 pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
             losses, r_chosen, r_rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, cfg.dpo.loss_type,
-                                                    cfg.dpo.label_smoothing)
+                                                    cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda)
             nll = -(pol_c * (n_c if ipo else 1)).sum() / n_chosen_tokens.to(pol_c)
             mask = b["router_mask"].reshape(-1)
             if balance is not None:

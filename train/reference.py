@@ -42,7 +42,8 @@ def weights_fingerprint(cfg) -> dict:
 
 @torch.no_grad()
 def compute_logps(engine, pairs: list[dict], micro: int, pad_id: int, rank: int, world: int, device,
-                  adapters_off: bool = False, desc: str = "reference log-probs") -> torch.Tensor:
+                  adapters_off: bool = False, desc: str = "reference log-probs",
+                  mask_common_suffix: bool = False) -> torch.Tensor:
     """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights."""
     n = len(pairs)
     table = torch.zeros(n, 2, dtype=torch.float64)
@@ -56,7 +57,7 @@ def compute_logps(engine, pairs: list[dict], micro: int, pad_id: int, rank: int,
     seen = set()
     for it in tqdm(range(iters), desc=desc, disable=rank != 0, dynamic_ncols=True):
         ix = mine[it * micro:(it + 1) * micro]
-        b = {k: v.to(device) for k, v in collate([pairs[i] for i in ix], pad_id).items()}
+        b = {k: v.to(device) for k, v in collate([pairs[i] for i in ix], pad_id, mask_common_suffix).items()}
         if adapters_off:
             with engine.module.disable_adapter():
                 out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
@@ -76,7 +77,8 @@ def compute_logps(engine, pairs: list[dict], micro: int, pad_id: int, rank: int,
 def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bool = False) -> torch.Tensor:
     """Cached reference log-probs for every pair (computed on first use)."""
     cache_dir = Path(cfg.data.cache_dir or run.out / "cache")
-    key = fingerprint("ref-logps", file_sha(tokenizer.path), weights_fingerprint(cfg), cfg.precision, pairs)
+    key = fingerprint("ref-logps", file_sha(tokenizer.path), weights_fingerprint(cfg), cfg.precision, pairs,
+                      cfg.dpo.mask_common_suffix)
     path = cache_dir / f"ref-logps-{key}.pt"
     if path.is_file():
         run.print(f"[{cfg.stage}] reference log-probs: loaded from cache {path}")
@@ -86,7 +88,7 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
                            "the starting weights; rerun from step 0 (resume=false) or restore the cache")
     t0 = time.time()
     table = compute_logps(engine, pairs, cfg.micro_batch_size, tokenizer.pad_id, run.rank, run.world, run.device,
-                          adapters_off=adapters_off)
+                          adapters_off=adapters_off, mask_common_suffix=cfg.dpo.mask_common_suffix)
     if run.main:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

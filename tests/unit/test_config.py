@@ -76,3 +76,11 @@ def test_recipe_with_unknown_key_fails(tmp_path, monkeypatch):
         assert "lrr" in _error_text(["recipe=tiny/_test_bad"])
     finally:
         bad.unlink()
+
+
+@pytest.mark.parametrize("overrides, needle", [(["dpo.beta=0"], "dpo.beta=0"), (["dpo.dpop_lambda=-1"], "dpo.dpop_lambda=-1"),
+                                               (["dpo.loss_type=kto"], "dpo.loss_type")])
+def test_dpo_config_errors_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        validate(compose("dpo", overrides))
+    assert needle in str(err.value)

@@ -35,6 +35,25 @@ def test_formulas_on_random_inputs(label_smoothing):
         torch.testing.assert_close(rr_, beta * (pr - rr))
 
 
+def test_dpop_formula_and_where_it_acts():
+    """DPO-Positive (Pal et al. 2024, eq. 3): −log σ(β·(h − λ·max(0, log π_ref(y_w) − log π(y_w))))."""
+    pc, pr, rc, rr = _rand(1)
+    beta, lam = 0.3, 50.0
+    penalty = torch.clamp(rc - pc, min=0)
+    expected = -F.logsigmoid(beta * ((pc - pr) - (rc - rr) - lam * penalty))
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta, dpop_lambda=lam)[0], expected)
+    # where the chosen answer's likelihood has not fallen below the reference's, DPOP is plain DPO
+    up = rc + 0.5
+    torch.testing.assert_close(dpo_loss(up, pr, rc, rr, beta, dpop_lambda=lam)[0], dpo_loss(up, pr, rc, rr, beta)[0])
+    # where it has fallen, DPOP pulls the chosen log-likelihood up harder than DPO does
+    down = (rc - 0.5).requires_grad_()
+    dpo_loss(down, pr, rc, rr, beta)[0].sum().backward()
+    g_dpo = down.grad.clone()
+    down.grad = None
+    dpo_loss(down, pr, rc, rr, beta, dpop_lambda=lam)[0].sum().backward()
+    assert (down.grad < g_dpo).all()   # more negative gradient = a larger push up on log π(y_w)
+
+
 def test_policy_equal_reference_gives_ln2():
     pc, pr, _, _ = _rand()
     losses, c, r = dpo_loss(pc, pr, pc, pr, beta=0.1)
@@ -64,6 +83,36 @@ def test_pair_layout_logps_equal_separate_forwards(tokenizer):
             assert n[0] == len(pair[ans])
     # the router mask counts the shared prompt once: chosen segment whole, rejected answer only
     assert b["router_mask"][0].sum() == len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+
+
+def test_common_suffix_masking(tokenizer):
+    """mask_common_suffix drops the answers' shared ending (". </s>" here) from both log-probs, and nothing else:
+    each masked sum equals the unmasked one minus those tokens' own log-probs."""
+    from omegaconf import OmegaConf
+
+    from data.preference import common_suffix
+    from model.build import build_model
+    from train.config import compose
+
+    assert common_suffix([1, 2, 3], [4, 2, 3]) == 2 and common_suffix([1, 2], [2]) == 0 and common_suffix([5, 1], [1]) == 0
+    model = build_model(OmegaConf.to_container(compose("sft").model), seed=0).eval()
+    pair = encode_pair({"prompt": [{"role": "user", "content": "What is the capital of Peru?"}],
+                        "chosen": "The capital of Peru is Lima.", "rejected": "The capital of Peru is Rome."}, tokenizer)
+    k = common_suffix(pair["chosen_ids"], pair["rejected_ids"])
+    assert k == 2 and pair["chosen_ids"][-k:] == tokenizer.encode("Lima.")[-1:] + [tokenizer.eos_id]
+    full, masked = collate([pair], tokenizer.pad_id), collate([pair], tokenizer.pad_id, mask_common_suffix=True)
+    assert torch.equal(full["input_ids"], masked["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=full["input_ids"], position_ids=full["position_ids"]).logits
+        c, r, nc, nr = pair_logps(logits, full["labels"], full["segment"])
+        mc, mr, mnc, mnr = pair_logps(logits, masked["labels"], masked["segment"])
+        logp = logits[0, :-1].log_softmax(-1)
+    assert (nc - mnc).item() == k and (nr - mnr).item() == k
+    ends = [len(pair["prompt_ids"]) + len(pair["chosen_ids"]), full["input_ids"].shape[1]]
+    ids = full["input_ids"][0]
+    for got, want, end in ((mc, c, ends[0]), (mr, r, ends[1])):
+        tail = sum(logp[i - 1, ids[i]] for i in range(end - k, end))
+        torch.testing.assert_close(got, want - tail, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)])
