@@ -333,7 +333,8 @@ class PipelineConfig:
     # DPO cost exact matches (86% → 62%, 96% → 90%): it lowered the ". </s>" the answers share, so DPO
     # leaves that shared ending out (dpo.mask_common_suffix; 86% → 86%), and β = 1 instead of 0.1 stops
     # pushing a pair once it is ranked (the SFT model already ranks them by ~15 nats): held-out reward
-    # accuracy 74.8% → 82.5% and 89.0% → 92.2% on those two SFT models (README, "What made the difference").
+    # accuracy 74.8% → 82.5% and 89.0% → 92.2% on those two SFT models, but 90.5% → 88.7% on a third
+    # (exact match after DPO 78% → 69%, 73% after SFT; README, "Known limitations").
     pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(
         recipe="tiny/pretrain", max_steps=400, overrides=["micro_batch_size=8", "global_batch_size=16",
                                                           "optim.schedule=constant", "data.synthetic_samples=20000"]))
