@@ -24,6 +24,7 @@ from __future__ import annotations
 import hydra
 import torch
 
+from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.preference import collate, pair_logps
 from data.tokenizer import load_tokenizer
@@ -64,7 +65,9 @@ def main(cfg) -> None:
     while step < cfg.max_steps:
         index = batches.micro_batches(step, run.rank, run.world, cfg.micro_batch_size)
         micro_batches = [collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix) for ix in index]
-        n_chosen_tokens = run.all_sum(sum(int((b["segment"] == 1).sum()) for b in micro_batches))
+        # the chosen tokens the log-probs sum over (without a masked shared ending): the NLL's denominator
+        n_chosen_tokens = run.all_sum(sum(int(((b["segment"] == 1) & (b["labels"] != IGNORE_INDEX)).sum())
+                                          for b in micro_batches))
         sums = torch.zeros(7, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll
         aux_total = z_total = 0.0
         counts_LE = torch.zeros(recorder.num_layers, num_experts, dtype=torch.float64)
