@@ -60,7 +60,11 @@ def preference_eval(policy, reference, tokenizer, pairs: list[dict], beta: float
     margins = []
     for s in range(0, len(enc), batch_size):
         b = collate(enc[s:s + batch_size], tokenizer.pad_id)
-        kw = dict(input_ids=b["input_ids"].to(policy.device), position_ids=b["position_ids"].to(policy.device))
+        # use_cache=False: with a KV cache (an export's config.json says use_cache: true) transformers does not
+        # build the per-segment mask from the restarting position ids, and the rejected answer attends to
+        # the chosen one laid out before it in the row
+        kw = dict(input_ids=b["input_ids"].to(policy.device), position_ids=b["position_ids"].to(policy.device),
+                  use_cache=False)
         pc, pr, _, _ = pair_logps(policy(**kw).logits, b["labels"].to(policy.device), b["segment"].to(policy.device))
         rc, rr, _, _ = pair_logps(reference(**kw).logits, b["labels"].to(policy.device), b["segment"].to(policy.device))
         margins += (beta * ((pc - rc) - (pr - rr))).tolist()

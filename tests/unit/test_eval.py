@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from data.tokenizer import default_tokenizer_path
@@ -160,3 +161,33 @@ def test_routing_analysis(tiny):
 def test_load_names_a_missing_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_run/hf: no such folder"):
         load(tmp_path / "no_such_run" / "hf")
+
+
+def test_preference_eval_scores_each_answer_on_its_own(tiny, tmp_path):
+    """Reward margins from the packed [prompt chosen][prompt rejected] rows equal those of separate
+    forwards of prompt+chosen and prompt+rejected — also for a model whose config asks for a KV cache, as
+    every export's config.json does (with a cache, transformers ignores the restarting position ids and
+    the rejected answer attended to the chosen one)."""
+    from data import synthetic
+    from data.chat import encode_prompt
+    from eval.curriculum import preference_eval
+
+    ref, tok = tiny
+    policy, _ = load(_save_tiny(tmp_path / "policy", seed=1))
+    for m in (ref, policy):
+        m.config.use_cache = True
+    pairs = synthetic.preference_pairs(6, seed=0, split="heldout")
+
+    def logp(model, pair, answer):
+        prompt = encode_prompt(pair["prompt"], tok)
+        ids = prompt + tok.encode(answer) + [tok.eos_id]
+        with torch.no_grad():
+            lp = model(torch.tensor([ids]), use_cache=False).logits[0, :-1].log_softmax(-1)
+        return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][len(prompt) - 1:].sum().item()
+
+    beta = 0.5
+    want = [beta * ((logp(policy, p, p["chosen"]) - logp(ref, p, p["chosen"]))
+                    - (logp(policy, p, p["rejected"]) - logp(ref, p, p["rejected"]))) for p in pairs]
+    got = preference_eval(policy, ref, tok, pairs, beta, batch_size=4)
+    assert got["reward_margin"] == pytest.approx(sum(want) / len(want), abs=1e-4)
+    assert got["reward_accuracy"] == sum(w > 0 for w in want) / len(want)
