@@ -62,15 +62,35 @@ def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_seq_
     return prompt, chosen, rejected
 
 
-def common_suffix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common suffix of two different answers, leaving each at least one token."""
+def common_suffix(a: list[int], b: list[int], joins=None) -> int:
+    """Length of the longest common suffix of two different answers, leaving each at least one token.
+
+    `joins(prev_id, next_id)` (from `word_joins`) says whether a token continues the word of the one before
+    it; with it the suffix is shortened until it starts a word in both answers: "7." against "17." share the
+    tokens "7 . </s>", but in the rejected answer that "7" ends the word "17", so only ". </s>" is shared
+    (masking "7" too would leave the chosen answer's own digit out of its log-prob)."""
     n = 0
     while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
         n += 1
+    if joins is not None:
+        while n and (joins(a[-1 - n], a[-n]) or joins(b[-1 - n], b[-n])):
+            n -= 1
     return n
 
 
-def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False) -> dict:
+def word_joins(tokenizer):
+    """`joins(prev_id, next_id)`: True when token `next_id` continues the word that `prev_id` ends — both are
+    letters/digits where they meet and `next_id`'s piece does not start with sentencepiece's space "▁"."""
+    piece = tokenizer.sp.id_to_piece
+
+    def joins(prev_id: int, next_id: int) -> bool:
+        p, q = piece(int(prev_id)), piece(int(next_id))
+        return bool(p) and bool(q) and p[-1].isalnum() and q[0].isalnum()
+
+    return joins
+
+
+def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, tokenizer=None) -> dict:
     """Rows for a micro-batch of fitted pairs (each with prompt_ids/chosen_ids/rejected_ids), `(B, L)`.
 
     A shared answer PREFIX cancels in the DPO margin by itself (same context, same log-probs under policy
@@ -78,7 +98,9 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False) ->
     leaves it out of both answers' labels. On pairs that differ in one word ("... is Lima. </s>" against
     "... is Rome. </s>"), plain DPO lowers the shared ". </s>" after the rejected word and, with it, the
     end of every answer: measured on the embedded pipeline, held-out answers ran on past their end
-    (p(</s>) after "Damascus." 0.79 → 0.0003)."""
+    (p(</s>) after "Damascus." 0.79 → 0.0003). With `tokenizer` the shared ending starts at a word boundary
+    (`common_suffix`); without one it is the longest common run of tokens."""
+    joins = word_joins(tokenizer) if mask_common_suffix and tokenizer is not None else None
     seqs = []
     for p in pairs:
         a = p["prompt_ids"] + p["chosen_ids"]
@@ -93,7 +115,7 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False) ->
     router_mask = torch.zeros((B, width), dtype=torch.bool)
     for r, (p, a, b) in enumerate(seqs):
         n_p = len(p["prompt_ids"])
-        k = common_suffix(p["chosen_ids"], p["rejected_ids"]) if mask_common_suffix else 0
+        k = common_suffix(p["chosen_ids"], p["rejected_ids"], joins) if mask_common_suffix else 0
         at = 0
         for seg, ids in ((1, a), (2, b)):
             n = len(ids)

@@ -146,6 +146,9 @@ def lr_lambda(cfg):
             return (step + 1) / warmup
         if cfg.optim.schedule == "constant":
             return 1.0
+        if cfg.optim.schedule == "wsd":  # warmup-stable-decay: constant, then linear to the floor at the end
+            decay = max(1, round(cfg.optim.decay_fraction * (total - warmup)))
+            return floor + (1 - floor) * min(1.0, (total - 1 - step) / decay)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if cfg.optim.schedule == "linear":
             return floor + (1 - floor) * (1 - progress)

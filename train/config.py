@@ -58,8 +58,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: str = "cosine"          # cosine | linear | constant
+    schedule: str = "cosine"          # cosine | linear | constant | wsd (constant, then linear over decay_fraction)
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2       # wsd: the last part of the steps (after warmup) that decays to min_lr_ratio
     grad_clip: float = 1.0
 
 
@@ -221,7 +222,9 @@ def validate(cfg, world_size: int | None = None) -> None:
     _one_of("model.attn_implementation", m.attn_implementation, ("packed_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"))
     _one_of("model.experts_implementation", m.experts_implementation, ("sorted_grouped_mm", "grouped_mm", "batched_mm", "eager"))
     _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
-    _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant", "wsd"))
+    if not 0.0 < cfg.optim.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction={cfg.optim.decay_fraction}: expected a share in (0, 1]")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: expected two values")
     _one_of("data.format", cfg.data.format, DATA_FORMATS)
@@ -322,29 +325,25 @@ class PipelineConfig:
     model: str = "tiny"
     seed: int = 0
     # What made the tiny model learn in minutes (measured; see data/synthetic.py and README): one-line
-    # pretraining documents, 400 steps × 16 rows at a constant lr (200 steps recalled 60/100 sums, 400
-    # recall 100/100); then LoRA on attention for SFT, which teaches the [INST] format without overwriting
-    # the facts stored in the experts (full SFT: held-out exact match 73%, LoRA: 94%); then DPO through
-    # LoRA adapters on attention AND experts (8 pairs per step, lr 3e-4): full DPO (lr 5e-5..1e-4, any
-    # beta or sft_weight) lowered each rejected capital where it trained on it and barely elsewhere, and
-    # ranked held-out capital pairs right 80-85% of the time; with the embeddings and LM head frozen the
-    # preference has to be learned in the shared layers, and held-out capitals rose to 94.5% (all pairs
-    # 97%). Attention-only adapters: 91% at 5e-4, 74-76% at 8e-4..1e-3. On two later pretrainings that
-    # DPO cost exact matches (86% → 62%, 96% → 90%): it lowered the ". </s>" the answers share, so DPO
-    # leaves that shared ending out (dpo.mask_common_suffix; 86% → 86%), and β = 1 instead of 0.1 stops
-    # pushing a pair once it is ranked (the SFT model already ranks them by ~15 nats): held-out reward
-    # accuracy 74.8% → 82.5% and 89.0% → 92.2% on those two SFT models, but 90.5% → 88.7% on a third
-    # (exact match after DPO 78% → 69%, 73% after SFT; README, "Known limitations").
+    # pretraining documents, 400 steps × 16 rows at a constant lr with a linear decay over the last 20%
+    # (wsd; 200 steps recalled 60/100 sums, 400 recall 100/100; the decay lifted the weakest of three seeds'
+    # SFT exact match 83% → 94%); then LoRA on attention for SFT, which teaches the [INST] format without
+    # overwriting the facts stored in the experts (full SFT: held-out exact match 73%, LoRA: 94%); then DPO
+    # through LoRA adapters on attention AND experts (8 pairs per step, lr 3e-4; full DPO lowered each
+    # rejected capital where it trained on it and barely elsewhere). DPO leaves out the ending both answers
+    # share (dpo.mask_common_suffix: plain DPO lowered the ". </s>" after every answer, exact match 86% → 62%),
+    # at β 2 (held-out reward accuracy over three pretraining seeds: β 0.5 87.7-92.0%, β 1 89.0-92.5%, β 2
+    # 91.0-93.2%; README, "What made the difference").
     pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(
         recipe="tiny/pretrain", max_steps=400, overrides=["micro_batch_size=8", "global_batch_size=16",
-                                                          "optim.schedule=constant", "data.synthetic_samples=20000"]))
+                                                          "optim.schedule=wsd", "data.synthetic_samples=20000"]))
     sft: PipelineStage = field(default_factory=lambda: PipelineStage(
         recipe="tiny/sft", max_steps=80, overrides=["lora.enabled=true", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
                                                      "optim.lr=3e-3", "optim.schedule=constant"]))
     dpo: PipelineStage = field(default_factory=lambda: PipelineStage(
         recipe="tiny/dpo", max_steps=120, overrides=["lora.enabled=true", "lora.experts=true", "lora.r=16", "lora.alpha=32",
                                                      "lora.dropout=0.0", "optim.lr=3e-4", "data.synthetic_samples=1000",
-                                                     "global_batch_size=8", "dpo.beta=1.0", "dpo.mask_common_suffix=true"]))
+                                                     "global_batch_size=8", "dpo.beta=2.0", "dpo.mask_common_suffix=true"]))
     heldout: int = 100                   # held-out prompts / documents per measurement
     # held-out preference pairs: forward passes only, so many. Half are capitals over only 8 held-out
     # countries, and 50 of them measured 70% where 200 measured 84.5% (same model): the draw of countries

@@ -64,7 +64,8 @@ def main(cfg) -> None:
     engine.train()
     while step < cfg.max_steps:
         index = batches.micro_batches(step, run.rank, run.world, cfg.micro_batch_size)
-        micro_batches = [collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix) for ix in index]
+        micro_batches = [collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix, tokenizer)
+                         for ix in index]
         # the chosen tokens the log-probs sum over (without a masked shared ending): the NLL's denominator
         n_chosen_tokens = run.all_sum(sum(int(((b["segment"] == 1) & (b["labels"] != IGNORE_INDEX)).sum())
                                           for b in micro_batches))

@@ -41,7 +41,7 @@ def weights_fingerprint(cfg) -> dict:
 
 
 @torch.no_grad()
-def compute_logps(engine, pairs: list[dict], micro: int, pad_id: int, rank: int, world: int, device,
+def compute_logps(engine, pairs: list[dict], micro: int, tokenizer, rank: int, world: int, device,
                   adapters_off: bool = False, desc: str = "reference log-probs",
                   mask_common_suffix: bool = False) -> torch.Tensor:
     """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights."""
@@ -57,7 +57,8 @@ def compute_logps(engine, pairs: list[dict], micro: int, pad_id: int, rank: int,
     seen = set()
     for it in tqdm(range(iters), desc=desc, disable=rank != 0, dynamic_ncols=True):
         ix = mine[it * micro:(it + 1) * micro]
-        b = {k: v.to(device) for k, v in collate([pairs[i] for i in ix], pad_id, mask_common_suffix).items()}
+        b = {k: v.to(device) for k, v in collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix,
+                                                      tokenizer).items()}
         if adapters_off:
             with engine.module.disable_adapter():
                 out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
@@ -78,7 +79,7 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
     """Cached reference log-probs for every pair (computed on first use)."""
     cache_dir = Path(cfg.data.cache_dir or run.out / "cache")
     key = fingerprint("ref-logps", file_sha(tokenizer.path), weights_fingerprint(cfg), cfg.precision, pairs,
-                      cfg.dpo.mask_common_suffix)
+                      "shared ending from a word boundary" if cfg.dpo.mask_common_suffix else False)
     path = cache_dir / f"ref-logps-{key}.pt"
     if path.is_file():
         run.print(f"[{cfg.stage}] reference log-probs: loaded from cache {path}")
@@ -87,7 +88,7 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
         raise RuntimeError(f"resuming a DPO run whose reference cache {path} is missing: the reference must come from "
                            "the starting weights; rerun from step 0 (resume=false) or restore the cache")
     t0 = time.time()
-    table = compute_logps(engine, pairs, cfg.micro_batch_size, tokenizer.pad_id, run.rank, run.world, run.device,
+    table = compute_logps(engine, pairs, cfg.micro_batch_size, tokenizer, run.rank, run.world, run.device,
                           adapters_off=adapters_off, mask_common_suffix=cfg.dpo.mask_common_suffix)
     if run.main:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ def test_pipeline_small_budget(tmp_path):
            # (ce 1.30 -> 0.99), and 15 DPO steps at the default 3e-4 barely move: faster settings here
            "sft.overrides=['optim.lr=1e-3','optim.schedule=constant']",
            "dpo.overrides=['lora.enabled=true','lora.experts=true','optim.lr=3e-3','optim.schedule=constant','global_batch_size=8',"
-           "'dpo.beta=1.0','dpo.mask_common_suffix=true']",
+           "'dpo.beta=2.0','dpo.mask_common_suffix=true']",
            "heldout=24", "heldout_pairs=96", "passkey_lengths=[128]", "passkey_depths=[0.0,1.0]",
            "passkey_trials=2", f"mt_bench.questions={REPO.parent / 'shared/data/mt_bench/question.jsonl'}",
            "mt_bench.limit=2", "mt_bench.max_new_tokens=4"]

@@ -63,6 +63,7 @@ def _error_text(overrides, world_size=None):
         (["lora.enabled=true", "lora.experts=true", "deepspeed=zero3"], None, "lora.experts=true with ZeRO-3"),
         (["data.synthetic_passkey_share=1.5"], None, "data.synthetic_passkey_share=1.5"),
         (["data.synthetic_passkey_filler=-1"], None, "data.synthetic_passkey_filler=-1"),
+        (["optim.schedule=wsd", "optim.decay_fraction=0"], None, "optim.decay_fraction=0"),
     ],
 )
 def test_config_errors_name_the_key(overrides, world_size, needle):
@@ -84,3 +85,29 @@ def test_dpo_config_errors_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as err:
         validate(compose("dpo", overrides))
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "wsd"])
+def test_lr_schedule_shapes(schedule):
+    """Warmup (s + 1) / w, then: constant 1; linear and cosine from 1 towards the floor; wsd (warmup-
+    stable-decay) exactly 1 until the last decay_fraction of the steps, then equal steps down to the floor
+    at the last step."""
+    from train.common import lr_lambda
+
+    total, warmup, floor = 50, 5, 0.1
+    cfg = compose("pretrain", ["recipe=tiny/pretrain", f"max_steps={total}", f"optim.schedule={schedule}",
+                               f"optim.warmup_steps={warmup}", f"optim.min_lr_ratio={floor}", "optim.decay_fraction=0.2"])
+    f = [lr_lambda(cfg)(s) for s in range(total)]
+    assert f[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    after = f[warmup:]
+    assert all(floor - 1e-9 <= x <= 1 + 1e-9 for x in after)
+    if schedule == "constant":
+        assert after == [1.0] * len(after)
+        return
+    assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] < 0.2
+    if schedule == "wsd":
+        decay = round(0.2 * (total - warmup))
+        assert after[:-decay] == [1.0] * (len(after) - decay)
+        assert after[-1] == pytest.approx(floor)
+        steps = [a - b for a, b in zip(after[-decay - 1:], after[-decay:])]
+        assert steps == pytest.approx([(1 - floor) / decay] * decay)

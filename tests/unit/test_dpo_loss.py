@@ -90,17 +90,26 @@ def test_common_suffix_masking(tokenizer):
     each masked sum equals the unmasked one minus those tokens' own log-probs."""
     from omegaconf import OmegaConf
 
-    from data.preference import common_suffix
+    from data.preference import common_suffix, word_joins
     from model.build import build_model
     from train.config import compose
 
     assert common_suffix([1, 2, 3], [4, 2, 3]) == 2 and common_suffix([1, 2], [2]) == 0 and common_suffix([5, 1], [1]) == 0
+    # "7." against "17.": the tokens "7 . </s>" are common, but in "17" the "7" continues a word, so the shared
+    # ending is ". </s>" and each answer keeps its own number
+    joins = word_joins(tokenizer)
+    c, r = tokenizer.encode("3 + 4 = 7.") + [tokenizer.eos_id], tokenizer.encode("3 + 4 = 17.") + [tokenizer.eos_id]
+    assert common_suffix(c, r) == 3 and common_suffix(c, r, joins) == 2
+    assert tokenizer.decode(c[:-2]).endswith("7") and tokenizer.decode(r[:-2]).endswith("17")
+    c, r = tokenizer.encode("It is Lima.") + [tokenizer.eos_id], tokenizer.encode("It is New Lima.") + [tokenizer.eos_id]
+    k = common_suffix(c, r, joins)
+    assert k == common_suffix(c, r) and tokenizer.decode(c[-k:-1]) == "Lima."  # " Lima. </s>" starts a word in both
     model = build_model(OmegaConf.to_container(compose("sft").model), seed=0).eval()
     pair = encode_pair({"prompt": [{"role": "user", "content": "What is the capital of Peru?"}],
                         "chosen": "The capital of Peru is Lima.", "rejected": "The capital of Peru is Rome."}, tokenizer)
     k = common_suffix(pair["chosen_ids"], pair["rejected_ids"])
     assert k == 2 and pair["chosen_ids"][-k:] == tokenizer.encode("Lima.")[-1:] + [tokenizer.eos_id]
-    full, masked = collate([pair], tokenizer.pad_id), collate([pair], tokenizer.pad_id, mask_common_suffix=True)
+    full, masked = collate([pair], tokenizer.pad_id), collate([pair], tokenizer.pad_id, True, tokenizer)
     assert torch.equal(full["input_ids"], masked["input_ids"])
     with torch.no_grad():
         logits = model(input_ids=full["input_ids"], position_ids=full["position_ids"]).logits
