@@ -84,8 +84,7 @@ def word_joins(tokenizer):
     piece = tokenizer.sp.id_to_piece
 
     def joins(prev_id: int, next_id: int) -> bool:
-        p, q = piece(int(prev_id)), piece(int(next_id))
-        return bool(p) and bool(q) and p[-1].isalnum() and q[0].isalnum()
+        return piece(int(prev_id))[-1].isalnum() and piece(int(next_id))[0].isalnum()
 
     return joins
 
@@ -98,9 +97,11 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, to
     leaves it out of both answers' labels. On pairs that differ in one word ("... is Lima. </s>" against
     "... is Rome. </s>"), plain DPO lowers the shared ". </s>" after the rejected word and, with it, the
     end of every answer: measured on the embedded pipeline, held-out answers ran on past their end
-    (p(</s>) after "Damascus." 0.79 → 0.0003). With `tokenizer` the shared ending starts at a word boundary
-    (`common_suffix`); without one it is the longest common run of tokens."""
-    joins = word_joins(tokenizer) if mask_common_suffix and tokenizer is not None else None
+    (p(</s>) after "Damascus." 0.79 → 0.0003). The shared ending starts at a word boundary (`common_suffix`),
+    which needs the `tokenizer`'s pieces."""
+    if mask_common_suffix and tokenizer is None:
+        raise ValueError("collate(mask_common_suffix=True) needs the tokenizer: the shared ending starts at a word boundary")
+    joins = word_joins(tokenizer) if mask_common_suffix else None
     seqs = []
     for p in pairs:
         a = p["prompt_ids"] + p["chosen_ids"]

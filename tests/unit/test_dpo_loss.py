@@ -110,6 +110,8 @@ def test_common_suffix_masking(tokenizer):
     k = common_suffix(pair["chosen_ids"], pair["rejected_ids"])
     assert k == 2 and pair["chosen_ids"][-k:] == tokenizer.encode("Lima.")[-1:] + [tokenizer.eos_id]
     full, masked = collate([pair], tokenizer.pad_id), collate([pair], tokenizer.pad_id, True, tokenizer)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        collate([pair], tokenizer.pad_id, mask_common_suffix=True)
     assert torch.equal(full["input_ids"], masked["input_ids"])
     with torch.no_grad():
         logits = model(input_ids=full["input_ids"], position_ids=full["position_ids"]).logits
