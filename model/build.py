@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM
 
+from model.load import Placement, load_checkpoint, skeleton, stream_init
+from model.weights import Checkpoint
 from model import attention, experts  # register the "packed_sdpa" attention and "sorted_grouped_mm" expert kernels
 
 # Preset keys that are about how to build, not part of MixtralConfig.
@@ -40,6 +42,30 @@ def mixtral_config(preset: Mapping) -> MixtralConfig:
     return MixtralConfig(**values)
 
 
+def model_folder(model_path: str | Path) -> Path:
+    """A local HF folder for `model_path`: the folder itself, or the hub snapshot (config, safetensors and
+    tokenizer files only; downloaded once into the Hugging Face cache)."""
+    if Path(model_path).expanduser().is_dir():
+        return Path(model_path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+
+
+def model_config(preset: Mapping, model_path: str | Path | None = None) -> MixtralConfig:
+    """The architecture: `model_path`'s config.json when given (read as a Mixtral config, never as
+    remote code), else the preset."""
+    if model_path is None:
+        return mixtral_config(preset)
+    folder = model_folder(model_path)
+    import json
+
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != "mixtral":
+        raise ValueError(f"model_path={model_path}: model_type is {model_type!r}, expected 'mixtral'")
+    return MixtralConfig.from_pretrained(str(folder))
+
+
 def build_model(
     preset: Mapping,
     model_path: str | Path | None = None,
@@ -47,14 +73,15 @@ def build_model(
     attn_implementation: str | None = None,
     gradient_checkpointing: bool | None = None,
     seed: int | None = None,
+    placement: Placement | None = None,
 ) -> MixtralForCausalLM:
     """A Mixtral model: freshly initialised from `preset`, or loaded from `model_path`.
 
     Args:
         preset: model preset (HF config keys + build keys). Ignored for the architecture
             when `model_path` is given (the folder's config.json wins).
-        model_path: an HF folder (config.json + safetensors) or hub name; weights are read from
-            safetensors only and `trust_remote_code` stays off.
+        model_path: an HF folder (config.json + safetensors, hub or fused key layout: model/weights.py)
+            or hub name; weights are read from safetensors only and no remote code is ever run.
         dtype: parameter dtype.
         attn_implementation: "packed_sdpa" (default, model/attention.py: per-document attention for packed
             training rows on CPU, else transformers' "sdpa"), "sdpa", "eager" or "flash_attention_2".
@@ -64,23 +91,21 @@ def build_model(
         (1.4× faster than "eager" per CPU training step of the small preset), "batched_mm" or "eager"
         (HF's Python loop over experts with index_add).
         gradient_checkpointing: recompute activations in backward.
-        seed: seeds the fresh initialisation (same seed → same weights on every rank).
+        seed: the fresh initialisation's seed (None: 0). The weights equal
+            `torch.manual_seed(seed); MixtralForCausalLM(config)` in every layout (model/load.py).
+        placement: what this rank keeps (model/load.py): ZeRO-3 partitions, or dense weights and one
+            block of experts under expert parallelism. None: everything (a single process).
     """
     preset = dict(preset)
+    placement = placement or Placement()
     attn = attn_implementation or preset.get("attn_implementation", attention.NAME)
+    config = model_config(preset, model_path)
+    config._attn_implementation = attn
+    model = skeleton(config, dtype, placement)
     if model_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=dtype, attn_implementation=attn,
-            trust_remote_code=False, use_safetensors=True,
-        )
-        if model.config.model_type != "mixtral":
-            raise ValueError(f"model_path={model_path}: model_type is {model.config.model_type!r}, expected 'mixtral'")
+        load_checkpoint(model, Checkpoint(model_folder(model_path)), dtype, placement)
     else:
-        config = mixtral_config(preset)
-        config._attn_implementation = attn
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = MixtralForCausalLM(config).to(dtype)
+        stream_init(model, 0 if seed is None else seed, dtype, placement)
     model.config._experts_implementation = preset.get("experts_implementation", experts.NAME)
     if gradient_checkpointing if gradient_checkpointing is not None else preset.get("gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

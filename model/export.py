@@ -198,7 +198,16 @@ def live_probe(engine, seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         live = engine(input_ids=ids.to(engine.device), use_cache=False).logits.float().cpu()
     engine.train(was_training)
+    release_zero3_params(engine)
     return ids, live
+
+
+def release_zero3_params(engine) -> None:
+    """Under ZeRO-3, release every gathered or prefetched parameter: a parameter left in flight by the last
+    forward (an eval forward has no backward to release it) makes the next `GatheredParameters` fail with
+    "Cannot partition a param in flight"."""
+    if engine.zero_optimization_stage() == 3:
+        engine.empty_partition_cache()
 
 
 def verify_export(engine, out_dir: str | Path, check_file: str | Path, probe=None, tol: float = 1e-4) -> float:

@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 from data.formats import RecordError
 from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, tokenize
-from model.build import build_model, resolve_dtype
+from model.build import build_model, model_folder, resolve_dtype
+from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.head import install_loss_head
 from model.distributed import batch_arithmetic, deepspeed_config, mark_moe_leaf_modules, zero_stage
 from model.router import router_statistics
@@ -190,6 +191,7 @@ def build_engine(cfg, model, run: Run):
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds,
                                            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    check_expert_placement(engine.module, placement(cfg, run, ds))
     if run.world == 1 and zero_stage(ds) == 0 and run.dtype == torch.float32:
         # One process, plain fp32 ZeRO-0: DeepSpeed's gradient "all-reduce" would flatten every gradient into a
         # bucket, reduce it over one rank and copy it back (~3% of a CPU step, BENCHMARKS.md).
@@ -210,10 +212,24 @@ def stop_if_diverged(engine, cfg, run: Run, guard: faults.NonFinite, step: int) 
     sys.exit(3)
 
 
-def load_model(cfg, run: Run):
-    """The stage's HF Mixtral, with a `LossHead` as its LM head (model/head.py)."""
+def placement(cfg, run: Run, ds: dict | None = None) -> Placement:
+    """What this rank keeps of the weights under the stage's layout (model/load.py)."""
+    ds = ds if ds is not None else deepspeed_config(cfg, run.world, run.dtype)
+    ep = int(ds.get("expert_parallel", {}).get("autoep_size", 1))
+    return Placement(zero_stage=zero_stage(ds), ep_size=ep, ep_rank=expert_parallel_rank(run.rank, ep), ds_config=ds)
+
+
+def load_model(cfg, run: Run, ds: dict | None = None):
+    """The stage's HF Mixtral, built for this rank's share of the layout (ZeRO-3 partitions, or dense +
+    this rank's experts under expert parallelism; `ds` is the engine's DeepSpeed config, default the
+    stage's), with a `LossHead` as its LM head (model/head.py). A hub `model_path` is downloaded by one
+    rank per node first."""
+    if cfg.model_path is not None and not os.path.isdir(os.path.expanduser(cfg.model_path)):
+        if run.local_rank == 0:
+            model_folder(cfg.model_path)
+        run.barrier()
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), model_path=cfg.model_path,
-                        dtype=run.dtype, seed=cfg.seed)
+                        dtype=run.dtype, seed=cfg.seed, placement=placement(cfg, run, ds))
     install_loss_head(model)
     return model
 
@@ -347,10 +363,11 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
 
 
 def _export(engine, cfg, run: Run, model, tokenizer) -> None:
-    from model.export import export_hf, live_probe, verify_export
+    from model.export import export_hf, live_probe, release_zero3_params, verify_export
     from model.lora import lora_scaling, merged_for_export, save_adapter
 
     t0 = time.time()
+    release_zero3_params(engine)
     probe = live_probe(engine) if cfg.verify_export else None  # before peft merges expert adapters in place
     module, scaling = engine.module, None
     if cfg.lora.enabled:

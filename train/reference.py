@@ -101,10 +101,8 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
     return table
 
 
-def live_engine(cfg, run, model):
-    """A frozen DeepSpeed engine around `model` for the live reference (ZeRO-3 inference if the policy uses it)."""
-    import deepspeed
-
+def reference_ds_config(cfg, run) -> dict:
+    """DeepSpeed config of the live reference: inference only, ZeRO-3 if the policy uses it, same EP."""
     from model.distributed import deepspeed_config, zero_stage
 
     ds = deepspeed_config(cfg, run.world, run.dtype)
@@ -113,6 +111,13 @@ def live_engine(cfg, run, model):
     ref_ds["zero_optimization"] = {"stage": 3 if zero_stage(ds) == 3 else 0}
     if "expert_parallel" in ds:
         ref_ds["expert_parallel"] = ds["expert_parallel"]
+    return ref_ds
+
+
+def live_engine(run, model, ref_ds: dict):
+    """A frozen DeepSpeed engine around `model` (built for `ref_ds`, `reference_ds_config`)."""
+    import deepspeed
+
     for p in model.parameters():
         p.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ref_ds)
