@@ -54,16 +54,22 @@ def model_folder(model_path: str | Path) -> Path:
 
 def model_config(preset: Mapping, model_path: str | Path | None = None) -> MixtralConfig:
     """The architecture: `model_path`'s config.json when given (read as a Mixtral config, never as
-    remote code), else the preset."""
+    remote code; for a hub name only config.json is fetched), else the preset."""
     if model_path is None:
         return mixtral_config(preset)
-    folder = model_folder(model_path)
+    folder = Path(model_path).expanduser()
+    if folder.is_dir():
+        path = folder / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(str(model_path), "config.json"))
     import json
 
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    model_type = json.loads(path.read_text()).get("model_type")
     if model_type != "mixtral":
         raise ValueError(f"model_path={model_path}: model_type is {model_type!r}, expected 'mixtral'")
-    return MixtralConfig.from_pretrained(str(folder))
+    return MixtralConfig.from_json_file(str(path))
 
 
 def build_model(

@@ -118,10 +118,9 @@ class _Filler:
                 a, b = pl.ep_rank * per, (pl.ep_rank + 1) * per
                 data = torch.empty(shape, dtype=self.dtype)  # other experts' pages stay untouched
                 data[a:b].copy_(rows(a, b))
-            else:
-                data = full().to(self.dtype)
-                if tuple(data.shape) != tuple(shape):
-                    raise ValueError(f"{name}: checkpoint shape {tuple(data.shape)} != model shape {tuple(shape)}")
+            else:  # a fresh, aligned allocation: CPU kernels round differently on unaligned memory
+                data = torch.empty(shape, dtype=self.dtype)
+                data.copy_(full())
             new = nn.Parameter(data, requires_grad=p.requires_grad)
             for mod, attr, _ in self.owners[id(p)]:
                 mod._parameters[attr] = new

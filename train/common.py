@@ -28,7 +28,8 @@ from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.head import install_loss_head
 from model.distributed import batch_arithmetic, deepspeed_config, mark_moe_leaf_modules, zero_stage
 from model.router import router_statistics
-from train import faults
+from train import faults, preflight
+from train.memory_log import PhaseMemory
 from train.config import ConfigError, validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -43,6 +44,7 @@ class Run:
     dtype: torch.dtype
     out: Path
     gas: int
+    memory: PhaseMemory | None = None
 
     @property
     def main(self) -> bool:
@@ -71,8 +73,10 @@ def start(cfg) -> Run:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         validate(cfg, world_size=world)
+        holds = preflight.check(cfg, world, preflight.local_world_size(), resolve_dtype(cfg.precision))
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -96,9 +100,11 @@ def start(cfg) -> Run:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     run.barrier()
+    run.memory = PhaseMemory(run, cfg.stage)
     run.print(f"[{cfg.stage}] {world} rank(s) on {device.type}, {run.dtype}, ZeRO-{zero_stage(cfg.deepspeed)}, "
               f"expert_parallel_size={cfg.expert_parallel_size}")
     run.print(f"[{cfg.stage}] batch: {batch_arithmetic(cfg, world)}")
+    run.print(f"[{cfg.stage}] layout: {holds}")
     return run
 
 
@@ -192,6 +198,7 @@ def build_engine(cfg, model, run: Run):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds,
                                            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     check_expert_placement(engine.module, placement(cfg, run, ds))
+    run.memory.end("engine")
     if run.world == 1 and zero_stage(ds) == 0 and run.dtype == torch.float32:
         # One process, plain fp32 ZeRO-0: DeepSpeed's gradient "all-reduce" would flatten every gradient into a
         # bucket, reduce it over one rank and copy it back (~3% of a CPU step, BENCHMARKS.md).
@@ -219,11 +226,12 @@ def placement(cfg, run: Run, ds: dict | None = None) -> Placement:
     return Placement(zero_stage=zero_stage(ds), ep_size=ep, ep_rank=expert_parallel_rank(run.rank, ep), ds_config=ds)
 
 
-def load_model(cfg, run: Run, ds: dict | None = None):
+def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
     """The stage's HF Mixtral, built for this rank's share of the layout (ZeRO-3 partitions, or dense +
     this rank's experts under expert parallelism; `ds` is the engine's DeepSpeed config, default the
     stage's), with a `LossHead` as its LM head (model/head.py). A hub `model_path` is downloaded by one
-    rank per node first."""
+    rank per node first. Peak memory from here to the end is recorded as `phase`."""
+    run.memory.begin()
     if cfg.model_path is not None and not os.path.isdir(os.path.expanduser(cfg.model_path)):
         if run.local_rank == 0:
             model_folder(cfg.model_path)
@@ -231,6 +239,7 @@ def load_model(cfg, run: Run, ds: dict | None = None):
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), model_path=cfg.model_path,
                         dtype=run.dtype, seed=cfg.seed, placement=placement(cfg, run, ds))
     install_loss_head(model)
+    run.memory.end(phase)
     return model
 
 
@@ -358,7 +367,10 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
     if cfg.checkpoint_every:
         save_checkpoint(engine, cfg, run, step)
     if cfg.export:
+        run.memory.begin()
         _export(engine, cfg, run, model, tokenizer)
+        run.memory.end("export")
+    run.memory.save()
     faults.finished()
 
 
@@ -421,6 +433,10 @@ class Metrics:
         return router_statistics(counts)
 
     def log(self, step: int, values: dict, stats: dict) -> None:
+        memory = self.run.memory
+        if memory is not None and "first_step" not in memory.phases:  # all ranks: a collective
+            memory.end("first_step")
+            values = {**values, "memory": memory.summary()}
         if faults.WATCHDOG[0] is not None:
             faults.WATCHDOG[0].step = step
         if not self.run.main:

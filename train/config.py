@@ -151,6 +151,7 @@ class StageConfig:
     verify_export: bool = True        # compare the export's logits with the live model's on a probe batch
     dist_timeout_s: int = 300         # collective timeout, and how long a silent peer rank is waited for
     max_bad_steps: int = 5            # stop (after a checkpoint) when this many steps in a row are non-finite
+    memory_check: bool = True         # refuse a layout whose weights + gradients + optimizer states exceed a rank's memory
 
 
 @dataclass

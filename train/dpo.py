@@ -58,7 +58,7 @@ def main(cfg) -> None:
             ref_table = reference.precomputed(engine, cfg, run, pairs, tokenizer, adapters_off=cfg.lora.enabled)
     elif cfg.dpo.reference == "live":
         ref_ds = reference.reference_ds_config(cfg, run)
-        ref_engine = reference.live_engine(run, common.load_model(cfg, run, ref_ds), ref_ds)
+        ref_engine = reference.live_engine(run, common.load_model(cfg, run, ref_ds, phase="load_reference"), ref_ds)
     metrics = common.Metrics(cfg, run, step, recorder.num_layers, num_experts)
     beta, ipo = cfg.dpo.beta, cfg.dpo.loss_type == "ipo"
 

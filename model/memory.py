@@ -1,0 +1,77 @@
+"""What one rank holds under a layout, computed from a config.json alone (no weights loaded).
+
+For a Mixtral with P parameters, of which P_e sit in the experts and P_d = P − P_e elsewhere, trained on
+N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO stage s, one rank holds
+
+    weights     s < 3: P_d + P_e/ep                     s = 3: (P_d + P_e)/N
+    gradients   s < 2: T_d + T_e/ep                     s ≥ 2: (T_d + T_e)/N
+    optimizer   s = 0: T_d + T_e/ep                     s ≥ 1: (T_d + T_e)/N      (× state bytes)
+    gathered    s = 3: the largest set of parameters gathered at once: one layer's experts,
+                whole (3·E·hidden·ffn) when AutoEP converts a layer, or one layer's dense
+                weights + this rank's experts when a ZeRO-3 MoE block is a leaf module
+
+where T are the trainable parameters (all of them, or the LoRA adapters: then T ≈ 0 next to P).
+Bytes: weights and gradients in the training dtype (2 for bf16, 4 for fp32); optimizer state per
+trainable parameter: AdamW 8 (m, v in fp32) + 4 for an fp32 master copy when training in bf16/fp16;
+SGD 0 (+4 master in bf16/fp16). Activations are not counted (they depend on the batch; see the planner).
+
+Mixtral-8x7B (46.7 B parameters, 45.1 B in experts) in bf16 with AdamW on 8 ranks, for example:
+ZeRO-3 + EP 8: (2 + 2 + 12)·46.7e9/8 ≈ 93 GB per rank, which is why the 8x7B full fine-tuning recipe
+needs 16 GPUs or optimizer offload, while LoRA under ZeRO-3 holds 2·46.7e9/8 ≈ 11.7 GB of weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Layout:
+    world: int = 1
+    zero_stage: int = 0
+    ep_size: int = 1
+    dtype_bytes: int = 4
+    optimizer: str = "adamw"       # adamw | sgd
+    lora: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+def parameter_counts(config) -> dict:
+    """Parameters of a Mixtral config in experts, elsewhere, and in its largest layer's experts."""
+    h, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    attn = h * head_dim * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+    layer_experts = e * 3 * h * f
+    layer_dense = attn + h * e + 2 * h
+    embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    experts = config.num_hidden_layers * layer_experts
+    dense = config.num_hidden_layers * layer_dense + embed + h
+    return {"total": experts + dense, "experts": experts, "dense": dense,
+            "layer_experts": layer_experts, "layer_dense": layer_dense}
+
+
+def per_rank_bytes(config, layout: Layout) -> dict:
+    """Bytes one rank holds for weights, gradients, optimizer states and ZeRO-3 gathers (formulas above).
+    Offloaded parts are counted under `host` instead of `device`."""
+    c = parameter_counts(config)
+    n, s, ep, b = layout.world, layout.zero_stage, layout.ep_size, layout.dtype_bytes
+    local = c["dense"] + c["experts"] / ep           # what a rank owns without ZeRO sharding
+    shard = c["total"] / n                            # what it owns under full sharding
+    trainable = 0.0 if layout.lora else 1.0           # adapters are small next to the base
+    weights = (shard if s == 3 else local) * b
+    grads = (shard if s >= 2 else local) * b * trainable
+    state = (8 if layout.optimizer == "adamw" else 0) + (4 if b < 4 else 0)
+    optim = (shard if s >= 1 else local) * state * trainable
+    gathered = 0.0
+    if s == 3:
+        gathered = (c["layer_experts"] if ep > 1 else c["layer_dense"] + c["layer_experts"]) * b
+    out = {"weights": weights, "gradients": grads, "optimizer": optim, "gathered": gathered}
+    out["host"] = (optim if layout.offload_optimizer else 0.0) + (weights if layout.offload_params else 0.0)
+    out["device"] = weights + grads + optim + gathered - out["host"]
+    out["total"] = weights + grads + optim + gathered
+    return out
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.1f} GiB"

@@ -1,0 +1,155 @@
+"""Every layout, every stage, equal to one rank.
+
+Each stage runs the same global batch (8 rows, router losses off, plain SGD, fp32) on one ZeRO-0 rank
+and under a layout; the per-step losses must agree to 1e-4 relative, and the layout's export must load
+in transformers with every expert distinct (the stage itself checks the export's logits against the
+live model's before it exits 0). Pretraining starts from the preset (so this also checks that every
+layout draws the same initial weights), SFT from a hub-layout folder (`block_sparse_moe.experts.E.w1`,
+what `save_pretrained` writes) and DPO from a fused-layout folder (`mlp.experts.gate_up_proj`).
+
+The full matrix is marked `layouts` (`pytest -m layouts`, run by CI); the default run keeps a cross-section:
+DPO from `model_path` under ZeRO-3 + EP 2 (with its export), on top of test_stages.py's SFT layouts.
+"""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import losses, run_stage
+
+pytestmark = pytest.mark.distributed
+
+LAYOUTS = {  # name: (ranks, overrides)
+    "zero2": (2, ["deepspeed=zero2"]),
+    "zero2_ep2": (2, ["deepspeed=zero2", "expert_parallel_size=2"]),
+    "zero3": (2, ["deepspeed=zero3"]),
+    "zero3_ep2": (2, ["deepspeed=zero3", "expert_parallel_size=2"]),
+    "zero3_ep2_edp2": (4, ["deepspeed=zero3", "expert_parallel_size=2"]),
+    "zero2_ep4": (4, ["deepspeed=zero2", "expert_parallel_size=4"]),
+}
+EXACT = ["max_steps=3", "router.aux_loss_coef=0", "router.z_loss_coef=0", "optim.name=sgd", "optim.grad_clip=0",
+         "optim.schedule=constant", "optim.warmup_steps=0", "global_batch_size=8", "micro_batch_size=2",
+         "max_seq_len=64", "logging=none"]
+STAGES = {
+    "pretrain": ["recipe=tiny/pretrain", "data.synthetic_samples=64", "optim.lr=5"],
+    "sft": ["recipe=tiny/sft", "data.synthetic_samples=64", "optim.lr=5"],
+    "dpo": ["recipe=tiny/dpo", "data.synthetic_samples=16", "optim.lr=2", "dpo.beta=1"],
+}
+KEY = {"pretrain": "loss", "sft": "loss", "dpo": "loss"}
+
+
+def _tiny(seed: int):
+    from omegaconf import OmegaConf
+
+    from model.build import build_model
+    from train.config import compose
+
+    return build_model(OmegaConf.to_container(compose("sft", ["recipe=tiny/sft"]).model), seed=seed)
+
+
+def hub_folder(path, seed: int = 1):
+    """A tiny Mixtral in the hub key layout (transformers 5's `save_pretrained` default)."""
+    _tiny(seed).save_pretrained(path)
+    return path
+
+
+def fused_folder(path, seed: int = 2):
+    """A tiny Mixtral in transformers 5's fused key layout (its state_dict as is)."""
+    from safetensors.torch import save_file
+
+    model = _tiny(seed)
+    model.config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def starts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("starts")
+    return {"pretrain": [], "sft": [f"model_path={hub_folder(root / 'hub')}"],
+            "dpo": [f"model_path={fused_folder(root / 'fused')}"]}
+
+
+@pytest.fixture(scope="module")
+def baselines(starts, tmp_path_factory):
+    """The 1-rank ZeRO-0 losses of each stage (computed once per stage, on first use)."""
+    cache = {}
+
+    def get(stage):
+        if stage not in cache:
+            out = tmp_path_factory.mktemp(f"one_{stage}")
+            run_stage(stage, out, [*STAGES[stage], *EXACT, *starts[stage], "deepspeed=zero0"], nproc=1)
+            cache[stage] = losses(out, KEY[stage])
+        return cache[stage]
+
+    return get
+
+
+def export_experts_distinct(hf) -> None:
+    with safe_open(str(hf / "model.safetensors"), "pt") as f:
+        names = [k for k in f.keys() if k.endswith("gate_up_proj")]
+        assert names, "no expert tensors in the export"
+        for name in names:
+            w = f.get_tensor(name)
+            flat = w.reshape(w.shape[0], -1)
+            for a in range(w.shape[0]):
+                for b in range(a + 1, w.shape[0]):
+                    assert not torch.equal(flat[a], flat[b]), f"{name}: experts {a} and {b} are identical"
+
+
+def check_layout(stage, layout, starts, baselines, tmp_path):
+    nproc, overrides = LAYOUTS[layout]
+    one = baselines(stage)
+    out = tmp_path / layout
+    run_stage(stage, out, [*STAGES[stage], *EXACT, *starts[stage], *overrides], nproc=nproc, timeout=900)
+    got = losses(out, KEY[stage])
+    assert one[0] - one[-1] > 1e-3, one  # the updates really change the model
+    assert got == pytest.approx(one, rel=1e-4), (stage, layout, one, got)
+    export_experts_distinct(out / "hf")
+
+
+@pytest.mark.layouts
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_layout_equals_one_rank(stage, layout, starts, baselines, tmp_path):
+    check_layout(stage, layout, starts, baselines, tmp_path)
+
+
+def test_dpo_from_model_path_zero3_ep2_equals_one_rank(starts, baselines, tmp_path):
+    """The cross-section of the default run: this combination crashed in its export once."""
+    check_layout("dpo", "zero3_ep2", starts, baselines, tmp_path)
+
+
+def launch_nodes(stage: str, out, overrides: list[str], nodes: int, per_node: int, timeout: int = 900):
+    """`nodes` torchrun agents on this machine, as on a cluster (README, "Real Mixtral on GPUs"):
+        torchrun --nnodes N --node_rank i --nproc_per_node G --rdzv-backend c10d --rdzv-endpoint HEAD:PORT ...
+    """
+    import subprocess
+
+    from helpers import REPO, free_port, stage_cmd
+
+    port = free_port()
+    procs = []
+    for node in range(nodes):
+        cmd, env = stage_cmd(stage, out, overrides, per_node)
+        launcher = cmd[:cmd.index("--standalone")]
+        script = cmd[cmd.index("--standalone") + 2:]
+        cmd = [*launcher, f"--nnodes={nodes}", f"--node_rank={node}", f"--nproc_per_node={per_node}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=layouts", *script]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (o, e) in zip(procs, outputs):
+        assert p.returncode == 0, f"node exited {p.returncode}:\n{o[-3000:]}\n{e[-5000:]}"
+    return outputs
+
+
+@pytest.mark.layouts
+@pytest.mark.parametrize("per_node, ep", [(2, 2), (1, 2)], ids=["ep2_within_nodes", "ep2_across_nodes"])
+def test_two_nodes_equal_one_rank(per_node, ep, starts, baselines, tmp_path):
+    """2 "nodes" on this machine: EP 2 inside each node of 2 ranks (EP 2 × expert-data-parallel 2), and EP 2
+    across two nodes of one rank each. ZeRO-3, SFT from the hub-layout folder."""
+    out = tmp_path / "run"
+    launch_nodes("sft", out, [*STAGES["sft"], *EXACT, *starts["sft"], "deepspeed=zero3",
+                              f"expert_parallel_size={ep}"], nodes=2, per_node=per_node)
+    assert losses(out, "loss") == pytest.approx(baselines("sft"), rel=1e-4)
+    export_experts_distinct(out / "hf")

@@ -1,0 +1,69 @@
+"""Peak memory of every rank, phase by phase (load, engine, first step, export).
+
+Host memory is the process's peak resident set (`VmHWM` in /proc/self/status), reset at the start of
+each phase by writing 5 to /proc/self/clear_refs (Linux ≥ 4.0); GPU memory is
+`torch.cuda.max_memory_allocated`, reset likewise. `end(phase)` gathers every rank's peaks (all ranks
+call it), prints one line on rank 0 and keeps them; `summary()` is what goes into the first step's
+`metrics.jsonl` row, and `save()` writes `<output_dir>/memory.json` with every phase.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since the last reset (VmHWM), 0 where /proc is absent."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 0
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # peaks then run from the process start: still an upper bound
+
+
+class PhaseMemory:
+    def __init__(self, run, stage: str):
+        self.run, self.stage = run, stage
+        self.phases: dict[str, dict] = {}
+        self.begin()
+
+    def begin(self) -> None:
+        reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def end(self, phase: str) -> dict:
+        mine = {"rss": peak_rss_bytes(),
+                "device": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
+        every = [mine]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)
+        record = {"peak_rss_bytes": [m["rss"] for m in every], "peak_device_bytes": [m["device"] for m in every]}
+        self.phases[phase] = record
+        rss = record["peak_rss_bytes"]
+        line = (f"[{self.stage}] memory, {phase}: peak RSS per rank "
+                + " ".join(f"{r / 2**30:.2f}" for r in rss) + " GiB")
+        if any(record["peak_device_bytes"]):
+            line += ", peak GPU memory " + " ".join(f"{d / 2**30:.2f}" for d in record["peak_device_bytes"]) + " GiB"
+        self.run.print(line)
+        self.begin()
+        return record
+
+    def summary(self) -> dict:
+        return {phase: dict(r) for phase, r in self.phases.items()}
+
+    def save(self) -> None:
+        if self.run.main:
+            (self.run.out / "memory.json").write_text(json.dumps(self.phases, indent=2) + "\n")

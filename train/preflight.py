@@ -1,0 +1,86 @@
+"""Refuse a layout that cannot work, before any weight is loaded.
+
+`check(cfg, world, local_world, dtype)` reads the model's config.json (or the preset) and raises
+`ConfigError` — one line naming the keys and the numbers — when:
+  * expert_parallel_size does not divide the model's num_local_experts (from config.json, not the preset),
+  * expert-parallel groups would straddle nodes unevenly: DeepSpeed forms them from consecutive ranks,
+    so expert_parallel_size must divide the ranks per node, or be a multiple of it,
+  * the weights, gradients and optimizer states one rank must hold (`model.memory.per_rank_bytes`,
+    activations not even counted) exceed the memory one rank has: the GPU's memory, or on CPU the host's
+    available memory shared by the node's ranks. `memory_check=false` turns this one off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from model.memory import Layout, gib, parameter_counts, per_rank_bytes
+from train.config import ConfigError
+
+
+def host_bytes_per_rank(local_world: int) -> float:
+    """MemAvailable of this node divided by its ranks (inf where /proc/meminfo is absent)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / max(1, local_world)
+    except OSError:
+        pass
+    return float("inf")
+
+
+def layout_of(cfg, world: int, dtype: torch.dtype) -> Layout:
+    zero = (cfg.deepspeed or {}).get("zero_optimization", {})
+    return Layout(world=world, zero_stage=int(zero.get("stage", 0)), ep_size=cfg.expert_parallel_size,
+                  dtype_bytes=torch.finfo(dtype).bits // 8, optimizer=cfg.optim.name, lora=cfg.lora.enabled,
+                  offload_optimizer=bool(zero.get("offload_optimizer")), offload_params=bool(zero.get("offload_param")))
+
+
+def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) -> str:
+    """Raise `ConfigError` for a layout that cannot work; returns a one-line description of what a rank holds."""
+    from omegaconf import OmegaConf
+
+    from model.build import model_config
+
+    if config is None:
+        try:
+            config = model_config(OmegaConf.to_container(cfg.model, resolve=True), cfg.model_path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    ep, experts = cfg.expert_parallel_size, config.num_local_experts
+    source = f"model_path={cfg.model_path}" if cfg.model_path else f"model={cfg.model.name}"
+    if experts % ep:
+        raise ConfigError(f"expert_parallel_size={ep} does not divide num_local_experts={experts} of {source}")
+    if local_world > 0 and world > local_world and local_world % ep and ep % local_world:
+        raise ConfigError(f"expert_parallel_size={ep} with {local_world} ranks per node: expert-parallel groups are "
+                          f"consecutive ranks, so they must fit within a node (divide {local_world}) or span whole "
+                          f"nodes (a multiple of {local_world})")
+    layout = layout_of(cfg, world, dtype)
+    need = per_rank_bytes(config, layout)
+    total = parameter_counts(config)["total"]
+    what = (f"{source}: {total / 1e9:.2f}B parameters; ZeRO-{layout.zero_stage}, expert_parallel_size={ep}, "
+            f"{world} rank(s): one rank holds {gib(need['total'])} (weights {gib(need['weights'])}, gradients "
+            f"{gib(need['gradients'])}, {cfg.optim.name} states {gib(need['optimizer'])}, gathered "
+            f"{gib(need['gathered'])})")
+    if not cfg.memory_check:
+        return what
+    if torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU"
+        host_need, host_have = need["host"], host_bytes_per_rank(local_world)
+        if host_need > host_have:
+            raise ConfigError(f"{what}, of which {gib(host_need)} offloaded to host memory, but a rank has "
+                              f"{gib(host_have)} of host memory: use more nodes, or memory_check=false")
+        device_need = need["device"]
+    else:
+        have, where = host_bytes_per_rank(local_world), "host memory (CPU run)"
+        device_need = need["total"]
+    if device_need > have:
+        raise ConfigError(f"{what}, but a rank has {gib(have)} of {where}: use more ranks, deepspeed=zero3 with "
+                          f"expert_parallel_size>1, deepspeed=zero3_offload, lora.enabled=true, or memory_check=false")
+    return what
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
