@@ -214,18 +214,17 @@ def verify_export(engine, out_dir: str | Path, check_file: str | Path, probe=Non
     """Compare the live model's logits with the exported folder's on a fixed probe batch.
 
     `probe` is `live_probe(engine)` taken earlier (before peft merged adapters in place, so the
-    check covers the merge too); None takes it now. Rank 0 reloads the export with
-    `AutoModelForCausalLM.from_pretrained` and saves {input_ids, live_logits, max_abs_diff} to
-    `check_file`. Raises if the difference exceeds `tol` (relative to the logits' scale).
+    check covers the merge too); None takes it now. Rank 0 runs the export layer by layer
+    (`model.stream.streamed_logits`: one decoder layer's weights in memory at a time, whatever the
+    model's size) and saves {input_ids, live_logits, max_abs_diff} to `check_file`. Raises if the
+    difference exceeds `tol` (relative to the logits' scale).
     """
-    from transformers import AutoModelForCausalLM
+    from model.stream import streamed_logits
 
     ids, live = probe if probe is not None else live_probe(engine)
     diff = 0.0
     if _rank() == 0:
-        exported = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, trust_remote_code=False).eval()
-        with torch.no_grad():
-            ref = exported(ids).logits.float()
+        ref = streamed_logits(out_dir, ids, torch.float32)
         diff = (live - ref).abs().max().item()
         scale = max(1.0, live.abs().max().item())
         torch.save({"input_ids": ids, "live_logits": live, "max_abs_diff": diff}, check_file)

@@ -12,8 +12,9 @@ N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO s
 
 where T are the trainable parameters (all of them, or the LoRA adapters: then T ≈ 0 next to P).
 Bytes: weights and gradients in the training dtype (2 for bf16, 4 for fp32); optimizer state per
-trainable parameter: AdamW 8 (m, v in fp32) + 4 for an fp32 master copy when training in bf16/fp16;
-SGD 0 (+4 master in bf16/fp16). Activations are not counted (they depend on the batch; see the planner).
+trainable parameter: AdamW 8 (m, v in fp32), SGD 0, plus 4 for the fp32 master copy that DeepSpeed's ZeRO
+optimizers keep of their partition (ZeRO ≥ 1, even for an fp32 model; ZeRO-0 only in bf16/fp16).
+Activations are not counted (they depend on the batch).
 
 Mixtral-8x7B (46.7 B parameters, 45.1 B in experts) in bf16 with AdamW on 8 ranks, for example:
 ZeRO-3 + EP 8: (2 + 2 + 12)·46.7e9/8 ≈ 93 GB per rank, which is why the 8x7B full fine-tuning recipe
@@ -61,7 +62,8 @@ def per_rank_bytes(config, layout: Layout) -> dict:
     trainable = 0.0 if layout.lora else 1.0           # adapters are small next to the base
     weights = (shard if s == 3 else local) * b
     grads = (shard if s >= 2 else local) * b * trainable
-    state = (8 if layout.optimizer == "adamw" else 0) + (4 if b < 4 else 0)
+    # DeepSpeed's ZeRO optimizers keep an fp32 master copy of their partition even for an fp32 model
+    state = (8 if layout.optimizer == "adamw" else 0) + (4 if b < 4 or s >= 1 else 0)
     optim = (shard if s >= 1 else local) * state * trainable
     gathered = 0.0
     if s == 3:

@@ -20,6 +20,8 @@ CASES = {
     "mfu.py": (["--model", "tiny", "--steps", "3", "--seq", "256"], "mfu"),
     "zero_memory.py": (["--model", "tiny", "--only", "ZeRO-0", "ZeRO-3 + EP 2"], "zero-3 / zero-0 per-rank state"),
     "generation.py": (["--model", "tiny", "--prompts", "8", "--new", "8", "--batch", "4"], "generation batched/single tokens/s"),
+    "load_memory.py": (["--hidden", "128", "--ffn", "256", "--layers", "2", "--ranks", "2", "--only",
+                        "ZeRO-3 + EP 2, SGD"], "largest |measured / expected - 1|"),
     "dpo_reference_memory.py": (["--model", "tiny", "--steps", "3"], "dpo live/precomputed peak RSS"),
 }
 

@@ -31,7 +31,7 @@ EXACT = ["max_steps=3", "router.aux_loss_coef=0", "router.z_loss_coef=0", "optim
          "optim.schedule=constant", "optim.warmup_steps=0", "global_batch_size=8", "micro_batch_size=2",
          "max_seq_len=64", "logging=none"]
 STAGES = {
-    "pretrain": ["recipe=tiny/pretrain", "data.synthetic_samples=64", "optim.lr=5"],
+    "pretrain": ["recipe=tiny/pretrain", "data.synthetic_samples=64", "optim.lr=2"],
     "sft": ["recipe=tiny/sft", "data.synthetic_samples=64", "optim.lr=5"],
     "dpo": ["recipe=tiny/dpo", "data.synthetic_samples=16", "optim.lr=2", "dpo.beta=1"],
 }
@@ -103,7 +103,7 @@ def check_layout(stage, layout, starts, baselines, tmp_path):
     out = tmp_path / layout
     run_stage(stage, out, [*STAGES[stage], *EXACT, *starts[stage], *overrides], nproc=nproc, timeout=900)
     got = losses(out, KEY[stage])
-    assert one[0] - one[-1] > 1e-3, one  # the updates really change the model
+    assert abs(one[1] - one[0]) > 0.05, one  # the updates really change the model
     assert got == pytest.approx(one, rel=1e-4), (stage, layout, one, got)
     export_experts_distinct(out / "hf")
 

@@ -45,7 +45,8 @@ def _folders(preset, tmp_path):
     model.save_pretrained(hub)  # transformers 5 writes the hub layout
     fused = tmp_path / "fused"
     model.config.save_pretrained(fused)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     half = len(state) // 2  # two shards with an index, as large exports are written
     names = sorted(state)
     save_file({k: state[k] for k in names[:half]}, str(fused / "a.safetensors"))
@@ -135,3 +136,18 @@ def test_per_rank_bytes_mixtral_8x7b():
     assert off["host"] == off["optimizer"] and off["device"] == pytest.approx(off["total"] - off["optimizer"])
     assert math.isclose(per_rank_bytes(config, Layout(world=16, zero_stage=3, dtype_bytes=2))["optimizer"],
                         z3["optimizer"] / 2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_logits_equal_transformers(preset, tmp_path, tied):
+    """The export check's layer-by-layer forward (model/stream.py) against transformers' own loading."""
+    from transformers import AutoModelForCausalLM
+
+    from model.stream import streamed_logits
+
+    model, hub, fused = _folders({**preset, "tie_word_embeddings": tied}, tmp_path)
+    ids = torch.randint(3, 32000, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(hub, dtype=torch.float32).eval()(ids).logits
+    for folder in (hub, fused):
+        torch.testing.assert_close(streamed_logits(folder, ids), want, atol=2e-5, rtol=1e-5)
