@@ -21,8 +21,10 @@ from omegaconf import OmegaConf
 import torch
 
 
-def deepspeed_config(cfg, world_size: int, dtype: torch.dtype) -> dict:
-    """Plain DeepSpeed config dict for this launch. Prints nothing; see `batch_arithmetic`."""
+def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None) -> dict:
+    """Plain DeepSpeed config dict for this launch. Prints nothing; see `batch_arithmetic`.
+    `model_config` (the MixtralConfig actually trained, e.g. `model_path`'s) sizes the ZeRO-3 buffers;
+    None: the preset `cfg.model`."""
     ds = OmegaConf.to_container(cfg.deepspeed, resolve=True) if cfg.deepspeed else {}
     gas = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
     ds["train_batch_size"] = cfg.global_batch_size
@@ -34,14 +36,28 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype) -> dict:
     if cfg.expert_parallel_size > 1:
         ds["expert_parallel"] = {"enabled": True, "autoep_size": cfg.expert_parallel_size, "preset_model": "mixtral"}
     zero = ds.get("zero_optimization", {})
+    if zero.get("stage") in (1, 2):
+        # DeepSpeed's default buckets hold 5e8 elements: a ZeRO-2 rank gathered every gradient of a 439M-parameter
+        # model (1.6 GB fp32) in its reduce bucket before reducing any (bench/load_memory.py). Scaled to the model.
+        h = (model_config if model_config is not None else cfg.model).hidden_size
+        zero.setdefault("reduce_bucket_size", h * h)
+        zero.setdefault("allgather_bucket_size", h * h)
     if zero.get("stage") == 3:
-        # Bucket sizes scaled to the model (what HF's "auto" picks) unless the config sets them:
-        # DeepSpeed's defaults (5e8 elements) allocate a 2 GB fp32 bucket on every rank, more than
-        # a small model's whole state (bench/zero_memory.py).
-        h = cfg.model.hidden_size
+        # Sizes scaled to the model unless the config sets them. DeepSpeed's defaults are absolute: 5e8-element
+        # buckets allocate 2 GB fp32 on every rank, and up to 1e9 gathered parameters stay resident
+        # (`stage3_max_live_parameters` / `_max_reuse_distance`), which is the whole of a model below 1e9
+        # parameters. Here at most two decoder layers stay gathered (bench/load_memory.py measures it).
+        from model.build import mixtral_config
+        from model.memory import parameter_counts
+
+        m = model_config if model_config is not None else mixtral_config(OmegaConf.to_container(cfg.model, resolve=True))
+        h = m.hidden_size
+        layer = parameter_counts(m)["layer_experts"] + parameter_counts(m)["layer_dense"]
         zero.setdefault("reduce_bucket_size", h * h)
         zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * h * h))
         zero.setdefault("stage3_param_persistence_threshold", 10 * h)
+        zero.setdefault("stage3_max_live_parameters", 2 * layer)
+        zero.setdefault("stage3_max_reuse_distance", 2 * layer)
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

@@ -1,11 +1,15 @@
 """Export a training engine's model as a Hugging Face folder (config.json, safetensors, tokenizer.model).
 
+The weights are written in the hub key layout that mistralai publishes and vLLM, TGI, llama.cpp's
+converter, mergekit and transformers (4 and 5) read: `model.layers.N.block_sparse_moe.gate.weight`,
+`model.layers.N.block_sparse_moe.experts.E.w1|w2|w3.weight` (model/weights.py: `to_hub`).
+
 Handles every layout the stages train in, gathering in process (all ranks must call):
   * ZeRO-3 partitions: each parameter is gathered with `deepspeed.zero.GatheredParameters`
     (inside its own process group, so expert weights gather inside their expert-data-parallel group);
   * DeepSpeed AutoEP: expert weights live as `mlp.experts.w1/w2/w3` of shape (E/ep, ffn, hidden)
     holding this rank's contiguous block of experts; they are all-gathered across the EP group
-    (group rank r holds experts [r·E/ep, (r+1)·E/ep)) and mapped back to HF's fused layout:
+    (group rank r holds experts [r·E/ep, (r+1)·E/ep)) and named as in HF's fused layout (then written per expert):
         gate_up_proj (E, 2·ffn, hidden) = cat(w1 = gate, w3 = up, dim=1)
         down_proj    (E, hidden, ffn)   = w2
         mlp.router.gate.weight → mlp.gate.weight
@@ -26,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+
+from model.weights import to_hub
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(w1|w2|w3)$")
 _LORA = re.compile(r"^(.*)\.lora_(A|B)\.default\.weight$")
@@ -77,6 +83,11 @@ class _ShardWriter:
         self.total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Add one parameter under its fused-layout name; it is written in the hub layout."""
+        for key, t in to_hub(name, tensor):
+            self._add(key, t)
+
+    def _add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         if self.current and self.size + nbytes > self.max:
             self.flush()

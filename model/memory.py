@@ -4,11 +4,13 @@ For a Mixtral with P parameters, of which P_e sit in the experts and P_d = P −
 N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO stage s, one rank holds
 
     weights     s < 3: P_d + P_e/ep                     s = 3: (P_d + P_e)/N
-    gradients   s < 2: T_d + T_e/ep                     s ≥ 2: (T_d + T_e)/N
+    gradients   s < 2: T_d + T_e/ep                     s ≥ 2: (T_d + T_e)/N + V·hidden (the LM head's
+                gradient, computed whole in the forward by the fused loss, until it is reduced)
     optimizer   s = 0: T_d + T_e/ep                     s ≥ 1: (T_d + T_e)/N      (× state bytes)
-    gathered    s = 3: the largest set of parameters gathered at once: one layer's experts,
-                whole (3·E·hidden·ffn) when AutoEP converts a layer, or one layer's dense
-                weights + this rank's experts when a ZeRO-3 MoE block is a leaf module
+    gathered    s = 3: the largest set of parameters gathered at once: two decoder layers (the current and
+                the prefetched next one: `stage3_max_live_parameters`, model/distributed.py), each with
+                its dense weights and E/ep experts; at least one layer's experts whole (3·E·hidden·ffn)
+                under EP, which AutoEP gathers once while converting the layer
 
 where T are the trainable parameters (all of them, or the LoRA adapters: then T ≈ 0 next to P).
 Bytes: weights and gradients in the training dtype (2 for bf16, 4 for fp32); optimizer state per
@@ -62,12 +64,16 @@ def per_rank_bytes(config, layout: Layout) -> dict:
     trainable = 0.0 if layout.lora else 1.0           # adapters are small next to the base
     weights = (shard if s == 3 else local) * b
     grads = (shard if s >= 2 else local) * b * trainable
+    if s >= 2 and not layout.lora:  # the LM head's gradient, which the fused loss computes in the forward,
+        grads += config.vocab_size * config.hidden_size * b  # lives whole until its first reduction
     # DeepSpeed's ZeRO optimizers keep an fp32 master copy of their partition even for an fp32 model
     state = (8 if layout.optimizer == "adamw" else 0) + (4 if b < 4 or s >= 1 else 0)
     optim = (shard if s >= 1 else local) * state * trainable
     gathered = 0.0
-    if s == 3:
-        gathered = (c["layer_experts"] if ep > 1 else c["layer_dense"] + c["layer_experts"]) * b
+    if s == 3:  # stage3_max_live_parameters (model/distributed.py): the current and the prefetched next layer
+        gathered = 2 * (c["layer_experts"] / ep + c["layer_dense"]) * b
+        if ep > 1:  # AutoEP gathers each layer's experts whole once, while converting it
+            gathered = max(gathered, c["layer_experts"] * b)
     out = {"weights": weights, "gradients": grads, "optimizer": optim, "gathered": gathered}
     out["host"] = (optim if layout.offload_optimizer else 0.0) + (weights if layout.offload_params else 0.0)
     out["device"] = weights + grads + optim + gathered - out["host"]

@@ -48,6 +48,20 @@ def hub_name(fused_name: str, expert: int | None = None, part: str | None = None
     return fused_name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
 
 
+def to_hub(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The hub-layout (key, tensor) pairs of one fused-layout parameter: an expert tensor becomes one
+    (ffn, hidden) or (hidden, ffn) matrix per expert (gate_up_proj[e] = [w1_e; w3_e], down_proj[e] = w2_e),
+    the router moves to `block_sparse_moe.gate`, everything else keeps its name."""
+    m = _FUSED_EXPERT.match(name)
+    if not m:
+        return [(hub_name(name), tensor)]
+    if m.group(2) == "down_proj":
+        return [(hub_name(name, e, "w2"), tensor[e]) for e in range(tensor.shape[0])]
+    ffn = tensor.shape[1] // 2
+    return [(hub_name(name, e, part), tensor[e, rows]) for e in range(tensor.shape[0])
+            for part, rows in (("w1", slice(0, ffn)), ("w3", slice(ffn, 2 * ffn)))]
+
+
 class Checkpoint:
     """A folder of `*.safetensors` (with or without `model.safetensors.index.json`), hub or fused layout."""
 

@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from model.head import install_loss_head
 from model.distributed import batch_arithmetic, deepspeed_config, mark_moe_leaf_modules, zero_stage
 from model.router import router_statistics
 from train import faults, preflight
-from train.memory_log import PhaseMemory
+from train.memory_log import PhaseMemory, set_mmap_threshold
 from train.config import ConfigError, validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -45,6 +46,7 @@ class Run:
     out: Path
     gas: int
     memory: PhaseMemory | None = None
+    model_config: Any = None          # the MixtralConfig trained (model_path's config.json, or the preset)
 
     @property
     def main(self) -> bool:
@@ -73,7 +75,8 @@ def start(cfg) -> Run:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         validate(cfg, world_size=world)
-        holds = preflight.check(cfg, world, preflight.local_world_size(), resolve_dtype(cfg.precision))
+        model_cfg = preflight.model_config_of(cfg)
+        holds = preflight.check(cfg, world, preflight.local_world_size(), resolve_dtype(cfg.precision), model_cfg)
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"config error: {e}", file=sys.stderr, flush=True)
@@ -95,7 +98,8 @@ def start(cfg) -> Run:
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed)
     run = Run(rank=rank, world=world, local_rank=local_rank, device=device, dtype=resolve_dtype(cfg.precision),
-              out=Path(cfg.output_dir), gas=cfg.global_batch_size // (cfg.micro_batch_size * world))
+              out=Path(cfg.output_dir), gas=cfg.global_batch_size // (cfg.micro_batch_size * world),
+              model_config=model_cfg)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -105,6 +109,9 @@ def start(cfg) -> Run:
               f"expert_parallel_size={cfg.expert_parallel_size}")
     run.print(f"[{cfg.stage}] batch: {batch_arithmetic(cfg, world)}")
     run.print(f"[{cfg.stage}] layout: {holds}")
+    if zero_stage(cfg.deepspeed) == 3 and not cfg.model.gradient_checkpointing:
+        run.print(f"[{cfg.stage}] note: ZeRO-3 without model.gradient_checkpointing=true keeps every layer's gathered "
+                  f"expert weights alive from its forward to its backward (autograd saves views of them)")
     return run
 
 
@@ -168,7 +175,7 @@ def build_engine(cfg, model, run: Run):
     """DeepSpeed engine with our AdamW and LR schedule (DeepSpeed steps both at accumulation boundaries)."""
     import deepspeed
 
-    ds = deepspeed_config(cfg, run.world, run.dtype)
+    ds = deepspeed_config(cfg, run.world, run.dtype, run.model_config)
     if zero_stage(ds) == 3 and cfg.expert_parallel_size == 1:
         mark_moe_leaf_modules(model)
     made = []
@@ -198,6 +205,7 @@ def build_engine(cfg, model, run: Run):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds,
                                            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     check_expert_placement(engine.module, placement(cfg, run, ds))
+    set_mmap_threshold((4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log.set_mmap_threshold
     run.memory.end("engine")
     if run.world == 1 and zero_stage(ds) == 0 and run.dtype == torch.float32:
         # One process, plain fp32 ZeRO-0: DeepSpeed's gradient "all-reduce" would flatten every gradient into a
@@ -221,7 +229,7 @@ def stop_if_diverged(engine, cfg, run: Run, guard: faults.NonFinite, step: int) 
 
 def placement(cfg, run: Run, ds: dict | None = None) -> Placement:
     """What this rank keeps of the weights under the stage's layout (model/load.py)."""
-    ds = ds if ds is not None else deepspeed_config(cfg, run.world, run.dtype)
+    ds = ds if ds is not None else deepspeed_config(cfg, run.world, run.dtype, run.model_config)
     ep = int(ds.get("expert_parallel", {}).get("autoep_size", 1))
     return Placement(zero_stage=zero_stage(ds), ep_size=ep, ep_rank=expert_parallel_rank(run.rank, ep), ds_config=ds)
 
@@ -231,6 +239,7 @@ def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
     this rank's experts under expert parallelism; `ds` is the engine's DeepSpeed config, default the
     stage's), with a `LossHead` as its LM head (model/head.py). A hub `model_path` is downloaded by one
     rank per node first. Peak memory from here to the end is recorded as `phase`."""
+    set_mmap_threshold(2**20)  # loading and engine set-up free many MB-sized tensors: give them back to the OS
     run.memory.begin()
     if cfg.model_path is not None and not os.path.isdir(os.path.expanduser(cfg.model_path)):
         if run.local_rank == 0:

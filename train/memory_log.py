@@ -9,6 +9,8 @@ call it), prints one line on rank 0 and keeps them; `summary()` is what goes int
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import re
 from pathlib import Path
@@ -30,6 +32,24 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass  # peaks then run from the process start: still an upper bound
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc: serve every allocation of at least `nbytes` with its own mmap, so freeing it returns the pages to
+    the OS at once (and trim the heap top beyond `nbytes`). Loading reads tensors of a few MB and frees them,
+    and with glibc's default (a threshold that rises to 32 MB) those freed pages stay in the heap, counted in
+    the process's RSS: bench/load_memory.py measured 1.4× the model's bytes above baseline per rank with the
+    default, 0.95× with 1 MiB. During training the stages use 32 MiB (1 MiB made every activation a fresh
+    mmap: a ZeRO-0 CPU step fell from MFU 0.68 to 0.44), and 4 MiB under ZeRO-3, where every step gathers
+    and frees each layer's parameters (first-step peak 1.38× → 0.97× of the model above baseline).
+    False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, nbytes)) and bool(libc.mallopt(m_trim_threshold, nbytes))
+    except (OSError, AttributeError, TypeError):
+        return False
 
 
 class PhaseMemory:

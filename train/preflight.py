@@ -38,17 +38,22 @@ def layout_of(cfg, world: int, dtype: torch.dtype) -> Layout:
                   offload_optimizer=bool(zero.get("offload_optimizer")), offload_params=bool(zero.get("offload_param")))
 
 
-def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) -> str:
-    """Raise `ConfigError` for a layout that cannot work; returns a one-line description of what a rank holds."""
+def model_config_of(cfg):
+    """The MixtralConfig a stage trains: `model_path`'s config.json (only that file is read), or the preset."""
     from omegaconf import OmegaConf
 
     from model.build import model_config
 
+    try:
+        return model_config(OmegaConf.to_container(cfg.model, resolve=True), cfg.model_path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) -> str:
+    """Raise `ConfigError` for a layout that cannot work; returns a one-line description of what a rank holds."""
     if config is None:
-        try:
-            config = model_config(OmegaConf.to_container(cfg.model, resolve=True), cfg.model_path)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        config = model_config_of(cfg)
     ep, experts = cfg.expert_parallel_size, config.num_local_experts
     source = f"model_path={cfg.model_path}" if cfg.model_path else f"model={cfg.model.name}"
     if experts % ep:
@@ -62,7 +67,7 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
     total = parameter_counts(config)["total"]
     what = (f"{source}: {total / 1e9:.2f}B parameters; ZeRO-{layout.zero_stage}, expert_parallel_size={ep}, "
             f"{world} rank(s): one rank holds {gib(need['total'])} (weights {gib(need['weights'])}, gradients "
-            f"{gib(need['gradients'])}, {cfg.optim.name} states {gib(need['optimizer'])}, gathered "
+            f"{gib(need['gradients'])}, optimizer states and fp32 master {gib(need['optimizer'])}, gathered "
             f"{gib(need['gathered'])})")
     if not cfg.memory_check:
         return what

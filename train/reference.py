@@ -105,7 +105,7 @@ def reference_ds_config(cfg, run) -> dict:
     """DeepSpeed config of the live reference: inference only, ZeRO-3 if the policy uses it, same EP."""
     from model.distributed import deepspeed_config, zero_stage
 
-    ds = deepspeed_config(cfg, run.world, run.dtype)
+    ds = deepspeed_config(cfg, run.world, run.dtype, run.model_config)
     ref_ds = {k: ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                  "bf16", "fp16") if k in ds}
     ref_ds["zero_optimization"] = {"stage": 3 if zero_stage(ds) == 3 else 0}

@@ -13,7 +13,6 @@ DPO from `model_path` under ZeRO-3 + EP 2 (with its export), on top of test_stag
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from helpers import losses, run_stage
 
@@ -86,15 +85,18 @@ def baselines(starts, tmp_path_factory):
 
 
 def export_experts_distinct(hf) -> None:
-    with safe_open(str(hf / "model.safetensors"), "pt") as f:
-        names = [k for k in f.keys() if k.endswith("gate_up_proj")]
-        assert names, "no expert tensors in the export"
-        for name in names:
-            w = f.get_tensor(name)
-            flat = w.reshape(w.shape[0], -1)
-            for a in range(w.shape[0]):
-                for b in range(a + 1, w.shape[0]):
-                    assert not torch.equal(flat[a], flat[b]), f"{name}: experts {a} and {b} are identical"
+    """The export is in the hub layout (one w1/w2/w3 per expert, no fused key) and no two experts are equal."""
+    from model.weights import Checkpoint
+
+    ckpt = Checkpoint(hf)
+    assert ckpt.layout == "hub" and not any("gate_up_proj" in k or ".mlp." in k for k in ckpt.file_of), list(ckpt.file_of)[:5]
+    names = [n for n in ckpt.names() if n.endswith("gate_up_proj")]
+    assert names, "no expert tensors in the export"
+    for name in names:
+        flat = ckpt.full(name).reshape(ckpt.num_experts, -1)
+        for a in range(len(flat)):
+            for b in range(a + 1, len(flat)):
+                assert not torch.equal(flat[a], flat[b]), f"{name}: experts {a} and {b} are identical"
 
 
 def check_layout(stage, layout, starts, baselines, tmp_path):

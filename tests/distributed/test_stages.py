@@ -33,10 +33,12 @@ def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
     assert len(m["expert_load"]) == 2 and len(m["expert_load"][0]) == 8
     # export: loads in transformers, every expert present, logits equal the live model's
     model = AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=False).eval()
-    with safe_open(out / "hf" / "model.safetensors", "pt") as f:
-        gate_up = f.get_tensor("model.layers.0.mlp.experts.gate_up_proj")
-    assert gate_up.shape == (8, 256, 64)
-    assert all(gate_up[e].abs().sum() > 0 for e in range(8))
+    with safe_open(out / "hf" / "model.safetensors", "pt") as f:  # the hub layout: one w1/w2/w3 per expert
+        w1 = torch.stack([f.get_tensor(f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight") for e in range(8)])
+        assert not any("gate_up_proj" in k for k in f.keys())
+    assert w1.shape == (8, 128, 64)
+    assert all(w1[e].abs().sum() > 0 for e in range(8))
+    torch.testing.assert_close(w1, model.model.layers[0].mlp.experts.gate_up_proj[:, :128].detach())
     check = torch.load(out / "export_check.pt")
     with torch.no_grad():
         logits = model(check["input_ids"]).logits
