@@ -46,7 +46,7 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None
         # Sizes scaled to the model unless the config sets them. DeepSpeed's defaults are absolute: 5e8-element
         # buckets allocate 2 GB fp32 on every rank, and up to 1e9 gathered parameters stay resident
         # (`stage3_max_live_parameters` / `_max_reuse_distance`), which is the whole of a model below 1e9
-        # parameters. Here at most two decoder layers stay gathered (bench/load_memory.py measures it).
+        # parameters. Here at most two decoder layers stay gathered, one under EP (bench/load_memory.py measures it).
         from model.build import mixtral_config
         from model.memory import parameter_counts
 
@@ -56,8 +56,10 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None
         zero.setdefault("reduce_bucket_size", h * h)
         zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * h * h))
         zero.setdefault("stage3_param_persistence_threshold", 10 * h)
-        zero.setdefault("stage3_max_live_parameters", 2 * layer)
-        zero.setdefault("stage3_max_reuse_distance", 2 * layer)
+        # under EP a rank's share of a layer is smaller, and one layer live is enough
+        live = layer if cfg.expert_parallel_size > 1 else 2 * layer
+        zero.setdefault("stage3_max_live_parameters", live)
+        zero.setdefault("stage3_max_reuse_distance", live)
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

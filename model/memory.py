@@ -7,10 +7,10 @@ N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO s
     gradients   s < 2: T_d + T_e/ep                     s ≥ 2: (T_d + T_e)/N + V·hidden (the LM head's
                 gradient, computed whole in the forward by the fused loss, until it is reduced)
     optimizer   s = 0: T_d + T_e/ep                     s ≥ 1: (T_d + T_e)/N      (× state bytes)
-    gathered    s = 3: the largest set of parameters gathered at once: two decoder layers (the current and
-                the prefetched next one: `stage3_max_live_parameters`, model/distributed.py), each with
-                its dense weights and E/ep experts; at least one layer's experts whole (3·E·hidden·ffn)
-                under EP, which AutoEP gathers once while converting the layer
+    gathered    s = 3: the largest set of parameters gathered at once: two decoder layers without EP (the
+                current and the prefetched next one: `stage3_max_live_parameters`, model/distributed.py),
+                one under EP, each with its dense weights and E/ep experts; under EP at least one layer's
+                experts whole (3·E·hidden·ffn), which AutoEP gathers once while converting the layer
 
 where T are the trainable parameters (all of them, or the LoRA adapters: then T ≈ 0 next to P).
 Bytes: weights and gradients in the training dtype (2 for bf16, 4 for fp32); optimizer state per
@@ -70,8 +70,8 @@ def per_rank_bytes(config, layout: Layout) -> dict:
     state = (8 if layout.optimizer == "adamw" else 0) + (4 if b < 4 or s >= 1 else 0)
     optim = (shard if s >= 1 else local) * state * trainable
     gathered = 0.0
-    if s == 3:  # stage3_max_live_parameters (model/distributed.py): the current and the prefetched next layer
-        gathered = 2 * (c["layer_experts"] / ep + c["layer_dense"]) * b
+    if s == 3:  # stage3_max_live_parameters (model/distributed.py): two layers, one under EP
+        gathered = (2 if ep == 1 else 1) * (c["layer_experts"] / ep + c["layer_dense"]) * b
         if ep > 1:  # AutoEP gathers each layer's experts whole once, while converting it
             gathered = max(gathered, c["layer_experts"] * b)
     out = {"weights": weights, "gradients": grads, "optimizer": optim, "gathered": gathered}
