@@ -119,8 +119,12 @@ class _ShardWriter:
 
 
 def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer_file: str | Path | None = None,
-              dtype: torch.dtype | None = None, max_shard_bytes: int = 4 * 2**30, lora_scaling: float | None = None) -> None:
-    """Write `module` (an HF Mixtral, possibly under ZeRO-3 / AutoEP / peft) as an HF folder.
+              dtype: torch.dtype | None = None, max_shard_bytes: int = 4 * 2**30, lora_scaling: float | None = None,
+              training_config: str | None = None) -> None:
+    """Write `module` (an HF Mixtral, possibly under ZeRO-3 / AutoEP / peft) as an HF folder: config.json,
+    hub-layout safetensors, generation_config.json (the defaults eval/generate.py uses: greedy, stop at </s>,
+    pad with </s>), tokenizer.model and, when given, `training_config` as training_config.yaml (the stage's
+    fully resolved config).
 
     All ranks must call this; rank 0 writes. `lora_scaling` (α/r) is needed to merge peft adapters.
     """
@@ -179,6 +183,12 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
         if dtype is not None:
             config.dtype = dtype
         config.save_pretrained(tmp)
+        from transformers import GenerationConfig
+
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                         pad_token_id=config.eos_token_id, do_sample=False, max_new_tokens=256).save_pretrained(tmp)
+        if training_config is not None:
+            (tmp / "training_config.yaml").write_text(training_config)
         if tokenizer_file is not None:
             shutil.copy(tokenizer_file, tmp / "tokenizer.model")
         if out.exists():

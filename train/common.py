@@ -397,7 +397,8 @@ def _export(engine, cfg, run: Run, model, tokenizer) -> None:
             module = merged_for_export(module)  # peft merges expert adapters (ZeRO ≤ 2)
         else:
             scaling = lora_scaling(cfg.lora)    # export_hf merges W + B·A·scaling per gathered weight
-    export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling)
+    export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling,
+              training_config=OmegaConf.to_yaml(cfg, resolve=True))
     run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
     if cfg.verify_export:
         diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt", probe)

@@ -44,6 +44,13 @@ def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
         logits = model(check["input_ids"]).logits
     assert torch.allclose(logits, check["live_logits"], atol=1e-4), (logits - check["live_logits"]).abs().max()
     assert (out / "hf" / "tokenizer.model").is_file()
+    from omegaconf import OmegaConf
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(out / "hf")
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id, gen.do_sample) == (1, 2, 2, False)
+    resolved = OmegaConf.load(out / "hf" / "training_config.yaml")  # the stage's resolved config travels along
+    assert resolved.stage == stage and resolved.max_steps == 6 and resolved.model.hidden_size == 64
 
 
 def test_one_rank_equals_two_ranks_zero3_ep2(tmp_path):
