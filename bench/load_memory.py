@@ -12,12 +12,16 @@ records each rank's peak RSS per phase (load, engine, first step) in memory.json
 preset gives the baseline (Python, torch, DeepSpeed, data). The table shows, per layout,
 
     measured = max over ranks and phases of (peak RSS − baseline peak RSS)
-    expected = weights + gradients + optimizer states + ZeRO-3 gather (model/memory.py: per_rank_bytes),
+    expected = weights + gradients + optimizer + step + ZeRO-3 gather (model/memory.py: per_rank_bytes),
                with P_d dense and P_e expert parameters, N ranks, EP size ep, 4 bytes each (fp32):
         weights    (P_d + P_e/ep) · 4,   ZeRO-3: (P_d + P_e)/N · 4
         gradients  (P_d + P_e/ep) · 4,   ZeRO-2/3: (P_d + P_e)/N · 4 + the LM head's (V·hidden·4), which
                    the fused loss computes whole in the forward                      (LoRA: ~0)
-        optimizer  SGD 0, AdamW 8 bytes per trainable parameter / N under ZeRO ≥ 1
+        optimizer  SGD 0, AdamW 8 bytes per trainable parameter / N under ZeRO ≥ 1, plus the fp32 master
+                   copy under ZeRO-1/2 (4 · (P_d + P_e)/N; under ZeRO-3 an fp32 model's partitions are
+                   the master weights: model/distributed.py fp32_master_shared)
+        step       ZeRO-1/2: the largest group's gradient partition again, max(P_d, P_e)/N · 4 under EP
+                   (DeepSpeed's step flattens it into a new buffer while the gradient buffer lives)
         gathered   ZeRO-3: two decoder layers (current + prefetched: stage3_max_live_parameters), each
                    with its E/ep experts; under EP at least one layer's experts whole (AutoEP's conversion)
 

@@ -16,6 +16,8 @@ Which combinations run (checked in `train.config.validate` and here):
 
 from __future__ import annotations
 
+import contextlib
+
 from omegaconf import OmegaConf
 
 import torch
@@ -62,6 +64,35 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None
         zero.setdefault("stage3_max_reuse_distance", live)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+@contextlib.contextmanager
+def fp32_master_shared():
+    """Around `deepspeed.initialize`: under ZeRO-3, an fp32 model's own partitions serve as the optimizer's
+    fp32 master weights instead of a second copy (1/N of the model's bytes less per rank).
+
+    DeepSpeed means to do this (stage3.py `_create_fp32_partitions`: "we don't need another copy of the
+    weights") when a partition's dtype and device already are the master's, but compares `tensor.device`
+    (a torch.device) with `self.device` (the str "cpu" or "cuda:0"), which is never equal; during that call
+    `self.device` is made a torch.device. bf16/fp16 models (dtypes differ) are unaffected.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._create_fp32_partitions
+
+    def create(self):
+        device = self.device
+        self.device = torch.device(device) if isinstance(device, str) else device
+        try:
+            return original(self)
+        finally:
+            self.device = device
+
+    Stage3._create_fp32_partitions = create
+    try:
+        yield
+    finally:
+        Stage3._create_fp32_partitions = original
 
 
 def zero_stage(ds: dict) -> int:

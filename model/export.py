@@ -1,4 +1,4 @@
-"""Export a training engine's model as a Hugging Face folder (config.json, safetensors, tokenizer.model).
+"""Export a training engine's model as a Hugging Face repository folder (weights, config, tokenizer, card).
 
 The weights are written in the hub key layout that mistralai publishes and vLLM, TGI, llama.cpp's
 converter, mergekit and transformers (4 and 5) read: `model.layers.N.block_sparse_moe.gate.weight`,
@@ -120,11 +120,12 @@ class _ShardWriter:
 
 def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer_file: str | Path | None = None,
               dtype: torch.dtype | None = None, max_shard_bytes: int = 4 * 2**30, lora_scaling: float | None = None,
-              training_config: str | None = None) -> None:
+              training_config: str | None = None, card: str | None = None) -> None:
     """Write `module` (an HF Mixtral, possibly under ZeRO-3 / AutoEP / peft) as an HF folder: config.json,
     hub-layout safetensors, generation_config.json (the defaults eval/generate.py uses: greedy, stop at </s>,
-    pad with </s>), tokenizer.model and, when given, `training_config` as training_config.yaml (the stage's
-    fully resolved config).
+    pad with </s>), tokenizer.model with tokenizer.json, tokenizer_config.json (chat template) and
+    special_tokens_map.json (data/hf_tokenizer.py) and, when given, `training_config` as training_config.yaml
+    (the stage's fully resolved config) and `card` as README.md (the model card).
 
     All ranks must call this; rank 0 writes. `lora_scaling` (α/r) is needed to merge peft adapters.
     """
@@ -189,8 +190,13 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
                          pad_token_id=config.eos_token_id, do_sample=False, max_new_tokens=256).save_pretrained(tmp)
         if training_config is not None:
             (tmp / "training_config.yaml").write_text(training_config)
-        if tokenizer_file is not None:
+        if tokenizer_file is not None:  # sentencepiece, plus the fast tokenizer and chat template for HF tools
+            from data.hf_tokenizer import write_hf_tokenizer
+
             shutil.copy(tokenizer_file, tmp / "tokenizer.model")
+            write_hf_tokenizer(tokenizer_file, tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -209,11 +215,15 @@ def _maybe_merge(key, lora, base_weights, writer, scaling) -> None:
         writer.add(_hf_name(key) + ".weight", merged)
 
 
+def probe_ids(vocab_size: int, seq_len: int = 32) -> torch.Tensor:
+    """The export check's fixed probe batch: (2, seq_len) ids drawn uniformly from [3, vocab_size), seed 1234."""
+    return torch.randint(3, vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1234))
+
+
 def live_probe(engine, seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids (2, seq_len), live logits (2, seq_len, V) fp32 on CPU) of a fixed probe batch. All ranks
     run the forward (ZeRO-3/AutoEP need them)."""
-    gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, engine.module.config.vocab_size, (2, seq_len), generator=gen)
+    ids = probe_ids(engine.module.config.vocab_size, seq_len)
     was_training = engine.module.training
     engine.eval()
     with torch.no_grad():
@@ -231,26 +241,28 @@ def release_zero3_params(engine) -> None:
         engine.empty_partition_cache()
 
 
-def verify_export(engine, out_dir: str | Path, check_file: str | Path, probe=None, tol: float = 1e-4) -> float:
-    """Compare the live model's logits with the exported folder's on a fixed probe batch.
+def verify_export(engine, out_dir: str | Path, probe=None, tol: float = 1e-4) -> dict:
+    """Compare the live model's logits with the exported folder's on the fixed probe batch (`probe_ids`).
 
     `probe` is `live_probe(engine)` taken earlier (before peft merged adapters in place, so the
     check covers the merge too); None takes it now. Rank 0 runs the export layer by layer
     (`model.stream.streamed_logits`: one decoder layer's weights in memory at a time, whatever the
-    model's size) and saves {input_ids, live_logits, max_abs_diff} to `check_file`. Raises if the
-    difference exceeds `tol` (relative to the logits' scale).
+    model's size). Returns the evidence the stage logs: {max_abs_diff, scale (max |live logit|, at least 1),
+    live_sum (Σ live logits, to compare another tool's logits with), tol}. Raises if
+    max_abs_diff > tol · scale.
     """
     from model.stream import streamed_logits
 
     ids, live = probe if probe is not None else live_probe(engine)
-    diff = 0.0
+    evidence = {}
     if _rank() == 0:
         ref = streamed_logits(out_dir, ids, torch.float32)
         diff = (live - ref).abs().max().item()
         scale = max(1.0, live.abs().max().item())
-        torch.save({"input_ids": ids, "live_logits": live, "max_abs_diff": diff}, check_file)
+        evidence = {"max_abs_diff": diff, "scale": scale, "live_sum": live.double().sum().item(), "tol": tol}
         if diff > tol * scale:
-            raise RuntimeError(f"export check failed: exported logits differ from the live model by {diff:.3g}")
+            raise RuntimeError(f"export check failed: exported logits differ from the live model by {diff:.3g} "
+                               f"(tolerance {tol} × {scale:.3g})")
     if dist.is_initialized():
         dist.barrier()
-    return diff
+    return evidence

@@ -41,8 +41,10 @@ def lora_scaling(lora_cfg) -> float:
     return lora_cfg.alpha / lora_cfg.r
 
 
-def save_adapter(peft_model, out_dir: str | Path, write: bool) -> None:
-    """PEFT-format adapter folder. All ranks call (under ZeRO-3 the adapters are gathered); `write` on rank 0."""
+def save_adapter(peft_model, out_dir: str | Path, write: bool, base_model: str | None = None) -> None:
+    """PEFT-format adapter folder. All ranks call (under ZeRO-3 the adapters are gathered); `write` on rank 0.
+    `base_model` (the stage's `model_path`: a hub id or a folder) goes into adapter_config.json's
+    `base_model_name_or_path`, so `PeftModel.from_pretrained` users know what to load the adapter onto."""
     from model.export import _gather_full
 
     state = {}
@@ -52,6 +54,8 @@ def save_adapter(peft_model, out_dir: str | Path, write: bool) -> None:
             if write:
                 state[name] = full
     if write:  # save_pretrained selects and renames the adapter's entries (get_peft_model_state_dict) itself
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = base_model
         peft_model.save_pretrained(str(out_dir), state_dict=state)
 
 

@@ -7,6 +7,9 @@ N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO s
     gradients   s < 2: T_d + T_e/ep                     s ≥ 2: (T_d + T_e)/N + V·hidden (the LM head's
                 gradient, computed whole in the forward by the fused loss, until it is reduced)
     optimizer   s = 0: T_d + T_e/ep                     s ≥ 1: (T_d + T_e)/N      (× state bytes)
+    step        s = 1, 2: the largest optimizer group's gradient partition once more (max(T_d, T_e)/N under
+                EP, (T_d + T_e)/N without): DeepSpeed's step flattens each group's gradients into a new
+                buffer while the contiguous gradient buffer still holds them (stage_1_and_2.py `step`)
     gathered    s = 3: the largest set of parameters gathered at once: two decoder layers without EP (the
                 current and the prefetched next one: `stage3_max_live_parameters`, model/distributed.py),
                 one under EP, each with its dense weights and E/ep experts; under EP at least one layer's
@@ -14,8 +17,10 @@ N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO s
 
 where T are the trainable parameters (all of them, or the LoRA adapters: then T ≈ 0 next to P).
 Bytes: weights and gradients in the training dtype (2 for bf16, 4 for fp32); optimizer state per
-trainable parameter: AdamW 8 (m, v in fp32), SGD 0, plus 4 for the fp32 master copy that DeepSpeed's ZeRO
-optimizers keep of their partition (ZeRO ≥ 1, even for an fp32 model; ZeRO-0 only in bf16/fp16).
+trainable parameter: AdamW 8 (m, v in fp32), SGD 0, plus 4 for the fp32 master copy of the partition
+(bf16/fp16; for an fp32 model too under ZeRO-1/2, whose optimizer always copies; under ZeRO-3 an fp32
+model's partitions are the master weights: model/distributed.py `fp32_master_shared`). The step's
+flattened gradient is in the training dtype, plus its fp32 copy for bf16/fp16.
 Activations are not counted (they depend on the batch).
 
 Mixtral-8x7B (46.7 B parameters, 45.1 B in experts) in bf16 with AdamW on 8 ranks, for example:
@@ -66,18 +71,22 @@ def per_rank_bytes(config, layout: Layout) -> dict:
     grads = (shard if s >= 2 else local) * b * trainable
     if s >= 2 and not layout.lora:  # the LM head's gradient, which the fused loss computes in the forward,
         grads += config.vocab_size * config.hidden_size * b  # lives whole until its first reduction
-    # DeepSpeed's ZeRO optimizers keep an fp32 master copy of their partition even for an fp32 model
-    state = (8 if layout.optimizer == "adamw" else 0) + (4 if b < 4 or s >= 1 else 0)
+    # an fp32 master copy of the partition: bf16/fp16, and fp32 under ZeRO-1/2 (not ZeRO-3: see above)
+    state = (8 if layout.optimizer == "adamw" else 0) + (4 if b < 4 or s in (1, 2) else 0)
     optim = (shard if s >= 1 else local) * state * trainable
+    step = 0.0
+    if s in (1, 2):  # DeepSpeed's step flattens the largest group's gradient partition anew (see above)
+        group = (max(c["dense"], c["experts"]) if ep > 1 else c["total"]) / n
+        step = group * (b + (4 if b < 4 else 0)) * trainable
     gathered = 0.0
     if s == 3:  # stage3_max_live_parameters (model/distributed.py): two layers, one under EP
         gathered = (2 if ep == 1 else 1) * (c["layer_experts"] / ep + c["layer_dense"]) * b
         if ep > 1:  # AutoEP gathers each layer's experts whole once, while converting it
             gathered = max(gathered, c["layer_experts"] * b)
-    out = {"weights": weights, "gradients": grads, "optimizer": optim, "gathered": gathered}
+    out = {"weights": weights, "gradients": grads, "optimizer": optim, "step": step, "gathered": gathered}
     out["host"] = (optim if layout.offload_optimizer else 0.0) + (weights if layout.offload_params else 0.0)
-    out["device"] = weights + grads + optim + gathered - out["host"]
-    out["total"] = weights + grads + optim + gathered
+    out["device"] = weights + grads + optim + step + gathered - out["host"]
+    out["total"] = weights + grads + optim + step + gathered
     return out
 
 

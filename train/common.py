@@ -13,7 +13,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, token
 from model.build import build_model, model_folder, resolve_dtype
 from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.head import install_loss_head
-from model.distributed import batch_arithmetic, deepspeed_config, mark_moe_leaf_modules, zero_stage
+from model.distributed import batch_arithmetic, deepspeed_config, fp32_master_shared, mark_moe_leaf_modules, zero_stage
 from model.router import router_statistics
 from train import faults, preflight
 from train.memory_log import PhaseMemory, set_mmap_threshold
@@ -47,6 +47,8 @@ class Run:
     gas: int
     memory: PhaseMemory | None = None
     model_config: Any = None          # the MixtralConfig trained (model_path's config.json, or the preset)
+    data_report: Any = None           # rank 0: the training data's DataReport (for the model card)
+    final_metrics: dict = field(default_factory=dict)  # rank 0: the last metrics row
 
     @property
     def main(self) -> bool:
@@ -143,6 +145,7 @@ def training_rows(cfg, kind: str, tokenizer, run: Run):
                 print(f"[{cfg.stage}] {shared[0]}", file=sys.stderr, flush=True)
             faults.finished()
             sys.exit(2)
+    run.data_report = report
     for line in report.lines():
         run.print(f"[{cfg.stage}] data: {line}")
     if report.skipped:
@@ -202,8 +205,9 @@ def build_engine(cfg, model, run: Run):
                                                           eps=cfg.optim.eps, fused=fused))
         return made[-1]
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds,
-                                           lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    with fp32_master_shared():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds,
+                                               lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     check_expert_placement(engine.module, placement(cfg, run, ds))
     set_mmap_threshold((4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log.set_mmap_threshold
     run.memory.end("engine")
@@ -384,6 +388,8 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
 
 
 def _export(engine, cfg, run: Run, model, tokenizer) -> None:
+    from model.card import model_card
+    from model.memory import parameter_counts
     from model.export import export_hf, live_probe, release_zero3_params, verify_export
     from model.lora import lora_scaling, merged_for_export, save_adapter
 
@@ -392,17 +398,54 @@ def _export(engine, cfg, run: Run, model, tokenizer) -> None:
     probe = live_probe(engine) if cfg.verify_export else None  # before peft merges expert adapters in place
     module, scaling = engine.module, None
     if cfg.lora.enabled:
-        save_adapter(module, run.out / "adapter", run.main)
+        save_adapter(module, run.out / "adapter", run.main, cfg.model_path)
         if cfg.lora.experts:
             module = merged_for_export(module)  # peft merges expert adapters (ZeRO ≤ 2)
         else:
             scaling = lora_scaling(cfg.lora)    # export_hf merges W + B·A·scaling per gathered weight
+    card = None
+    if run.main:
+        card = model_card(cfg, vars(run.data_report) if run.data_report else {}, run.final_metrics,
+                          parameter_counts(run.model_config)["total"], recipe_name(), cfg.hub.repo_id)
     export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling,
-              training_config=OmegaConf.to_yaml(cfg, resolve=True))
+              training_config=OmegaConf.to_yaml(cfg, resolve=True), card=card)
     run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
     if cfg.verify_export:
-        diff = verify_export(engine, run.out / "hf", run.out / "export_check.pt", probe)
-        run.print(f"[{cfg.stage}] export check: max |logits(export) - logits(live)| = {diff:.2e}")
+        e = verify_export(engine, run.out / "hf", probe)
+        if run.main:
+            run.print(f"[{cfg.stage}] export check: probe model.export.probe_ids(vocab {model.config.vocab_size}), "
+                      f"2 × {probe[0].shape[1] if probe else 32} tokens; live logits sum {e['live_sum']:.6f}; "
+                      f"max |logits(export) - logits(live)| = {e['max_abs_diff']:.2e} "
+                      f"(tolerance {e['tol']:g} × {e['scale']:.3g})")
+    if cfg.hub.repo_id and run.main:
+        push_to_hub(run.out / "hf", cfg.hub.repo_id, cfg.hub.private, run, cfg.stage)
+
+
+def recipe_name() -> str | None:
+    """The `recipe=` this run was started with (from Hydra's command line), if any."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except Exception:  # not under @hydra.main (a test calling a stage function directly)
+        return None
+    return next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "recipe"), None)
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool, run: Run, stage: str) -> None:
+    """Upload the export to the Hugging Face Hub (rank 0). A failure (offline, no token, no permission)
+    is one line: the export stays complete on disk."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        url = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"mixtral-tune {stage} export")
+        run.print(f"[{stage}] pushed {folder} to {url}")
+    except Exception as e:  # noqa: BLE001 - any reason, one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        run.print(f"[{stage}] hub: could not push {folder} to {repo_id} ({type(e).__name__}: {reason[:200]}); "
+                  f"the export is complete on disk: retry with `huggingface-cli upload {repo_id} {folder}`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +502,7 @@ class Metrics:
                   "max_share": stats["max_share"], "load_entropy": stats["load_entropy"]}
         with open(self.path, "a") as f:
             f.write(json.dumps(values) + "\n")
+        self.run.final_metrics = values
         if values.get("skipped"):
             self.bar.write(f"[{self.cfg.stage}] warning: step {step} skipped: non-finite loss or gradient "
                            f"({values.get('skipped_total')} skipped so far)")

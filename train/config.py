@@ -103,6 +103,12 @@ class LoggingConfig:
 
 
 @dataclass
+class HubConfig:
+    repo_id: Optional[str] = None     # push the export (hf/) to this Hugging Face Hub repository when set
+    private: bool = True
+
+
+@dataclass
 class LoraConfig:
     enabled: bool = False
     r: int = 16
@@ -144,6 +150,7 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     checkpoint_every: int = 0         # 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = False

@@ -67,8 +67,9 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
     total = parameter_counts(config)["total"]
     what = (f"{source}: {total / 1e9:.2f}B parameters; ZeRO-{layout.zero_stage}, expert_parallel_size={ep}, "
             f"{world} rank(s): one rank holds {gib(need['total'])} (weights {gib(need['weights'])}, gradients "
-            f"{gib(need['gradients'])}, optimizer states and fp32 master {gib(need['optimizer'])}, gathered "
-            f"{gib(need['gathered'])})")
+            f"{gib(need['gradients'])}, optimizer states and fp32 master {gib(need['optimizer'])}, "
+            + (f"the step's flat gradient {gib(need['step'])}, " if need["step"] else "")
+            + f"gathered {gib(need['gathered'])})")
     if not cfg.memory_check:
         return what
     if torch.cuda.is_available():

@@ -31,13 +31,35 @@ def test_starts_at_ln2_and_learns_precomputed_vs_live(tmp_path):
 
 
 def test_lora_adapters_off_reference(tmp_path):
+    """LoRA DPO from a `model_path`: starts at ln 2, learns, and its adapter folder names that base and, loaded
+    on it with peft, gives the merged export's logits; the model card names the base too."""
+    import json
+
+    import torch
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from model.build import build_model
+    from model.card import front_matter
+    from train.config import compose
+
+    base = tmp_path / "base"
+    build_model(OmegaConf.to_container(compose("dpo", ["recipe=tiny/dpo"]).model), seed=3).save_pretrained(base)
     out = tmp_path / "lora"
     run_stage("dpo", out, [*REPEATED, "max_steps=4", "lora.enabled=true", "dpo.reference=adapters_off",
-                           "optim.lr=1e-2", "verify_export=true"])
+                           "optim.lr=1e-2", "verify_export=true", f"model_path={base}"])
     m = metrics(out)
     assert m[0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)  # fresh adapters: policy == base
     assert m[-1]["rewards/margins"] > m[0]["rewards/margins"]
-    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "hf" / "config.json").is_file()
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base)
+    assert front_matter((out / "hf" / "README.md").read_text())["base_model"] == str(base)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = torch.randint(3, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("path, fmt", [("llama_factory_demo/dpo_en_demo.json", "sharegpt"),

@@ -1,5 +1,6 @@
 """[INST] encoding: token for token against mistral_common's own v1 instruct tokenizer."""
 
+import functools
 import json
 import random
 
@@ -35,8 +36,13 @@ TEXTS = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
+def _mistral_tokenizer(mode):
+    return MistralTokenizer.from_file(str(default_tokenizer_path()), mode=mode)
+
+
 def _reference(messages, mode):
-    tok = MistralTokenizer.from_file(str(default_tokenizer_path()), mode=mode)
+    tok = _mistral_tokenizer(mode)
     cls = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
     request = ChatCompletionRequest(messages=[cls[m["role"]](content=m["content"]) for m in messages])
     return tok.encode_chat_completion(request).tokens

@@ -13,6 +13,7 @@ from model.build import build_model, mixtral_config
 from model.load import Placement, expert_parallel_rank, skeleton, stream_init
 from model.memory import Layout, parameter_counts, per_rank_bytes
 from model.weights import Checkpoint
+from helpers import REPO
 from train.config import compose
 
 
@@ -134,6 +135,12 @@ def test_per_rank_bytes_mixtral_8x7b():
     z2 = per_rank_bytes(config, Layout(world=8, zero_stage=2, ep_size=8, dtype_bytes=2))
     assert z2["weights"] == pytest.approx(2 * (c["dense"] + c["experts"] / 8))
     assert z2["gathered"] == 0
+    # DeepSpeed's ZeRO-1/2 step flattens the largest group's gradient partition anew (bf16, plus its fp32 copy)
+    assert z2["step"] == pytest.approx((2 + 4) * max(c["dense"], c["experts"]) / 8)
+    assert z3["step"] == 0 == lora["step"]
+    # an fp32 model: ZeRO-1/2 still copy the master weights, ZeRO-3's partitions are the master weights
+    fp32 = {s: per_rank_bytes(config, Layout(world=8, zero_stage=s, dtype_bytes=4, optimizer="sgd")) for s in (2, 3)}
+    assert fp32[2]["optimizer"] == pytest.approx(4 * c["total"] / 8) and fp32[3]["optimizer"] == 0
     # offloading moves optimizer states to the host
     off = per_rank_bytes(config, Layout(world=8, zero_stage=3, dtype_bytes=2, offload_optimizer=True))
     assert off["host"] == off["optimizer"] and off["device"] == pytest.approx(off["total"] - off["optimizer"])
@@ -154,3 +161,52 @@ def test_streamed_logits_equal_transformers(preset, tmp_path, tied):
         want = AutoModelForCausalLM.from_pretrained(hub, dtype=torch.float32).eval()(ids).logits
     for folder in (hub, fused):
         torch.testing.assert_close(streamed_logits(folder, ids), want, atol=2e-5, rtol=1e-5)
+
+
+_ZERO3_SCRIPT = """
+import os, sys, torch, deepspeed
+sys.path.insert(0, {repo!r})
+from model.distributed import fp32_master_shared
+deepspeed.init_distributed("gloo")
+def train(shared):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    cfg = {{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {{"stage": 3}},
+           "zero_allow_untested_optimizer": True}}
+    with (fp32_master_shared() if shared else torch.no_grad()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                          config=cfg)
+    opt = engine.optimizer
+    same = [a.data_ptr() == b.data_ptr() for a, b in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat)]
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(3):
+        x = torch.randn(4, 64, generator=g)
+        loss = engine(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        flat = torch.cat([p.detach().flatten().clone() for p in engine.module.parameters()])
+    return same, losses, flat
+same_off, losses_off, off = train(False)
+same_on, losses_on, on = train(True)
+print("SHARED", all(same_on), "LOSSES", losses_on == losses_off, "WEIGHTS", torch.equal(on, off), losses_on)
+"""
+
+
+def test_zero3_fp32_master_weights_are_the_partitions(tmp_path):
+    """`fp32_master_shared`: under ZeRO-3 an fp32 model's partitions are the optimizer's master weights (no
+    second copy), and three SGD steps give bit-identical losses and weights to DeepSpeed's own copy."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "zero3.py"
+    script.write_text(_ZERO3_SCRIPT.format(repo=str(REPO)))
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29400 + os.getpid() % 500), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("SHARED")), None)
+    assert line is not None, out.stdout[-2000:] + out.stderr[-3000:]
+    assert line.startswith("SHARED True LOSSES True WEIGHTS True"), line
