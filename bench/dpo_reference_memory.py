@@ -19,7 +19,7 @@ from _common import run_stage_measured
 
 def run(mode: str, a, tmp: Path) -> dict:
     m, rss, _ = run_stage_measured("dpo", [
-        "recipe=tiny/dpo", f"model={a.model}", f"max_steps={a.steps}", f"dpo.reference={mode}", "export=false",
+        "recipe=tiny/dpo", f"model={a.model}", "allow_random_init=true", f"max_steps={a.steps}", f"dpo.reference={mode}", "export=false",
         "deepspeed=zero0", "global_batch_size=8", "micro_batch_size=4", "data.synthetic_samples=200"], tmp / mode)
     m = m[1:]
     return {"pairs_per_s": sum(r["pairs"] for r in m) / sum(r["step_time_s"] for r in m), "peak_rss_mb": rss}

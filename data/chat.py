@@ -7,7 +7,8 @@ Exactly what mistral_common's `InstructTokenizerV1` produces, token for token
         enc("[INST] {user_2} [/INST]") enc("{assistant_2}") </s> ...
 
 Each message is encoded separately (so each starts with sentencepiece's dummy-prefix
-space); the optional system prompt is joined to the first user message with "\\n\\n";
+space); the optional system prompt is joined to the first user message with "\\n\\n" (an empty
+system prompt is no system prompt, as in mistral_common);
 `</s>` follows every assistant answer. "[INST]" is plain text in v1, so a literal
 "[INST]" or "</s>" inside a message is encoded as text, never as a control token.
 
@@ -42,7 +43,7 @@ def validate_messages(messages: Sequence[dict], *, for_training: bool) -> None:
             raise ChatFormatError(f"message {i}: unknown role {m['role']!r} (expected one of {ROLES})")
         if not isinstance(m["content"], str):
             raise ChatFormatError(f"message {i} ({m['role']}): content must be a string, got {type(m['content']).__name__}")
-        if m["content"] == "":
+        if m["content"] == "" and m["role"] != "system":  # an empty system prompt is no system prompt
             raise ChatFormatError(f"message {i} ({m['role']}): empty content")
         if m["role"] == "system" and i != 0:
             raise ChatFormatError(f"message {i}: system message must be the first message")

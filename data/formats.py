@@ -262,7 +262,7 @@ def _check_chat(messages, where: str, for_training: bool) -> list[dict]:
     except ChatFormatError as e:
         raise RecordError(where, "invalid conversation", str(e)) from None
     for j, m in enumerate(messages):
-        if for_training and not m["content"].strip():  # nothing to learn from, or to answer
+        if for_training and m["role"] != "system" and not m["content"].strip():  # nothing to learn from, or to answer
             raise RecordError(where, "empty content", f"messages[{j}] ({m['role']}) is blank")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 

@@ -7,12 +7,11 @@ Type a message and press Enter; `/reset` starts over, `/quit` (or Ctrl-D) leaves
 
 from __future__ import annotations
 
-import hydra
+from eval.config import CONFIG_DIR, ChatConfig, validate_eval
+from train import cli
 
-from eval.config import CONFIG_DIR
 
-
-@hydra.main(config_path=CONFIG_DIR, config_name="chat", version_base="1.3")
+@cli.main("chat", ChatConfig, validate_eval)
 def main(cfg) -> None:
     from eval.generate import chat_reply, load
 

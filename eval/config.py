@@ -87,3 +87,69 @@ cs = ConfigStore.instance()
 for _name, _node in (("passkey_schema", PasskeyConfig), ("mt_bench_schema", MTBenchConfig), ("serve_schema", ServeConfig),
                      ("routing_schema", RoutingConfig), ("chat_schema", ChatConfig)):
     cs.store(name=_name, node=_node)
+
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _model_path(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from train.config import ConfigError, looks_local
+
+    if OmegaConf.is_missing(cfg, "model_path") or not cfg.model_path:
+        raise ConfigError("model_path is required: an export folder (a stage's <output_dir>/hf) or a hub name "
+                          "like mistralai/Mixtral-8x7B-Instruct-v0.1")
+    path = os.path.expanduser(cfg.model_path)
+    if not looks_local(cfg.model_path):
+        return
+    if not os.path.isdir(path):
+        raise ConfigError(f"model_path={cfg.model_path}: no such folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "hf", "config.json")):
+            raise ConfigError(f"model_path={cfg.model_path} is a run folder: its export is "
+                              f"model_path={os.path.join(cfg.model_path, 'hf')}")
+        raise ConfigError(f"model_path={cfg.model_path}: folder has no config.json (expected an HF model folder)")
+
+
+def validate_eval(cfg) -> None:
+    """The eval commands' checks Hydra cannot express, before any model loads (ConfigError names the key)."""
+    from omegaconf import OmegaConf
+
+    from train.config import ConfigError
+
+    def positive(key):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+
+    def one_of(key, allowed):
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+    _model_path(cfg)
+    if "dtype" in cfg:
+        one_of("dtype", DTYPES)
+    for key in ("max_new_tokens", "batch_size", "trials", "limit", "max_tokens", "seq_len", "judge.concurrency",
+                "judge.max_tokens"):
+        if OmegaConf.select(cfg, key) is not None:
+            positive(key)
+    if "depths" in cfg:  # passkey
+        one_of("mode", ("completion", "chat"))
+        bad = [d for d in cfg.depths if not 0.0 <= d <= 1.0]
+        if bad or not cfg.depths:
+            raise ConfigError(f"depths={list(cfg.depths)}: each depth is a share of the document between 0 and 1 "
+                              f"(0 = the start, 1 = the end), e.g. depths=[0,0.5,1]")
+        if cfg.lengths is not None and any(n < 16 for n in cfg.lengths):
+            raise ConfigError(f"lengths={list(cfg.lengths)}: each context length must be >= 16 tokens")
+    if "questions" in cfg:  # mt_bench
+        if OmegaConf.is_missing(cfg, "model_id"):
+            raise ConfigError("model_id is required: the name answers and judgments are filed under (e.g. model_id=my-sft)")
+        if not os.path.isfile(cfg.questions):
+            raise ConfigError(f"questions={cfg.questions}: no such file (MT-Bench's FastChat question.jsonl, e.g. "
+                              f"questions=../shared/data/mt_bench/question.jsonl)")
+    if "port" in cfg and not 0 < cfg.port < 65536:  # serve
+        raise ConfigError(f"port={cfg.port}: expected 1-65535")
+    if "temperature" in cfg and cfg.temperature < 0:  # chat
+        raise ConfigError(f"temperature={cfg.temperature}: must be >= 0")

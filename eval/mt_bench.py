@@ -29,9 +29,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import hydra
-
-from eval.config import CONFIG_DIR
+from eval.config import CONFIG_DIR, MTBenchConfig, validate_eval
+from train import cli
 
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
                "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
@@ -257,7 +256,7 @@ def run(cfg, model=None, tokenizer=None, progress: bool = True) -> dict:
     return summary
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="mt_bench", version_base="1.3")
+@cli.main("mt_bench", MTBenchConfig, validate_eval)
 def main(cfg) -> None:
     summary = run(cfg)
     print(f"answers: {summary['answers']} in {cfg.output_dir}/model_answer/{cfg.model_id}.jsonl")

@@ -25,10 +25,9 @@ import random
 import re
 from pathlib import Path
 
-import hydra
-
 from data.chat import encode_prompt
-from eval.config import CONFIG_DIR
+from eval.config import CONFIG_DIR, PasskeyConfig, validate_eval
+from train import cli
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -166,7 +165,7 @@ def evaluate(model, tokenizer, cfg, out_dir: str | Path, progress: bool = True) 
     return result
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="passkey", version_base="1.3")
+@cli.main("passkey", PasskeyConfig, validate_eval)
 def main(cfg) -> None:
     from eval.generate import load
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import torch
 
-from eval.config import CONFIG_DIR
+from eval.config import CONFIG_DIR, RoutingConfig, validate_eval
 from model.router import RouterLogitsRecorder
+from train import cli
 
 
 def subset_texts(data: dict) -> dict[str, list[str]]:
@@ -98,7 +98,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="routing", version_base="1.3")
+@cli.main("routing", RoutingConfig, validate_eval)
 def main(cfg) -> None:
     from eval.generate import load
 

@@ -18,11 +18,11 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import hydra
 import torch
 
 from data.chat import ChatFormatError, encode_prompt
-from eval.config import CONFIG_DIR
+from eval.config import CONFIG_DIR, ServeConfig, validate_eval
+from train import cli
 
 
 class _Streamer:
@@ -173,7 +173,7 @@ def start_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port:
     return httpd
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="serve", version_base="1.3")
+@cli.main("serve", ServeConfig, validate_eval)
 def main(cfg) -> None:
     from eval.generate import load
 

@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# llama.cpp's Hugging Face → GGUF converter (convert_hf_to_gguf.py, conversion/, gguf-py/) for
-# tests/distributed/test_llama_cpp.py, unpacked from the llama-cpp-python sdist on PyPI, which vendors
-# llama.cpp. Usage: bash tests/fetch_llama_cpp.sh [version]   (into $LLAMA_CPP_DIR or .cache/llama.cpp)
+# llama.cpp for tests/distributed/test_llama_cpp.py, from the llama-cpp-python sdist on PyPI (which vendors
+# llama.cpp): its Hugging Face → GGUF converter (convert_hf_to_gguf.py, conversion/, gguf-py/) unpacked into
+# $LLAMA_CPP_DIR (default .cache/llama.cpp) and, with --install, llama-cpp-python itself compiled from the
+# same sdist (~10 minutes on 2 cores) so that `pytest -m llama_cpp` can compare llama.cpp's logits.
+#   bash tests/fetch_llama_cpp.sh [--install]
 set -euo pipefail
-VERSION=${1:-0.3.36}
-DEST=${LLAMA_CPP_DIR:-"$(cd "$(dirname "$0")/.." && pwd)/.cache/llama.cpp"}
-if [ -f "$DEST/convert_hf_to_gguf.py" ]; then exit 0; fi
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp"
-src="llama_cpp_python-$VERSION/vendor/llama.cpp"
-tar xzf "$tmp/llama_cpp_python-$VERSION.tar.gz" -C "$tmp" --wildcards \
-    "$src/convert_hf_to_gguf.py" "$src/conversion/*" "$src/gguf-py/*" "$src/LICENSE"
-mkdir -p "$DEST"
-cp -r "$tmp/$src/convert_hf_to_gguf.py" "$tmp/$src/conversion" "$tmp/$src/gguf-py" "$tmp/$src/LICENSE" "$DEST/"
+VERSION=0.3.36
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DEST=${LLAMA_CPP_DIR:-"$ROOT/.cache/llama.cpp"}
+SDIST="$ROOT/.cache/llama_cpp_python-$VERSION.tar.gz"
+mkdir -p "$ROOT/.cache" "$DEST"
+if [ ! -f "$SDIST" ]; then
+    python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$ROOT/.cache"
+fi
+if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
+    tmp=$(mktemp -d)
+    src="llama_cpp_python-$VERSION/vendor/llama.cpp"
+    tar xzf "$SDIST" -C "$tmp" --wildcards "$src/convert_hf_to_gguf.py" "$src/conversion/*" "$src/gguf-py/*" "$src/LICENSE"
+    cp -r "$tmp/$src/convert_hf_to_gguf.py" "$tmp/$src/conversion" "$tmp/$src/gguf-py" "$tmp/$src/LICENSE" "$DEST/"
+    rm -rf "$tmp"
+fi
 echo "llama.cpp converter (llama-cpp-python $VERSION) in $DEST"
+if [ "${1:-}" = "--install" ] && ! python -c "import llama_cpp" 2>/dev/null; then
+    # CPU only, no examples/tools/server: the library the Python bindings load
+    CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=2 python -m pip install -q "$SDIST" > "$ROOT/.cache/llama_cpp_build.log" 2>&1
+    echo "llama-cpp-python $VERSION compiled and installed (log: .cache/llama_cpp_build.log)"
+fi

@@ -94,7 +94,7 @@ def check_hf_repository(hf: Path, stdout: str, stage: str) -> None:
     gen = GenerationConfig.from_pretrained(hf)
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id, gen.do_sample) == (1, 2, 2, False)
     resolved = OmegaConf.load(hf / "training_config.yaml")  # the stage's resolved config travels along
-    assert resolved.stage == stage
+    assert resolved.stage == stage and resolved.recipe_name == f"tiny/{stage}"  # which recipe ran is recorded
     card = (hf / "README.md").read_text()
     meta = front_matter(card)
     assert meta["license"] == "apache-2.0" and meta["mixtral_tune_stages"][-1]["stage"] == stage, meta

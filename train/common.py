@@ -14,24 +14,24 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.formats import RecordError
 from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, tokenize
+from data.formats import RecordError
 from model.build import build_model, model_folder, resolve_dtype
-from model.load import Placement, check_expert_placement, expert_parallel_rank
-from model.head import install_loss_head
 from model.distributed import batch_arithmetic, deepspeed_config, fp32_master_shared, mark_moe_leaf_modules, zero_stage
+from model.head import install_loss_head
+from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.router import router_statistics
 from train import faults, preflight
+from train.config import ConfigError, check_output_dir, start_afresh, validate
 from train.memory_log import PhaseMemory, set_mmap_threshold
-from train.config import ConfigError, validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -77,6 +77,7 @@ def start(cfg) -> Run:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         validate(cfg, world_size=world)
+        check_output_dir(cfg)
         model_cfg = preflight.model_config_of(cfg)
         holds = preflight.check(cfg, world, preflight.local_world_size(), resolve_dtype(cfg.precision), model_cfg)
     except ConfigError as e:
@@ -103,6 +104,7 @@ def start(cfg) -> Run:
               out=Path(cfg.output_dir), gas=cfg.global_batch_size // (cfg.micro_batch_size * world),
               model_config=model_cfg)
     if run.main:
+        start_afresh(cfg)
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     run.barrier()
@@ -389,9 +391,9 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
 
 def _export(engine, cfg, run: Run, model, tokenizer) -> None:
     from model.card import model_card
-    from model.memory import parameter_counts
     from model.export import export_hf, live_probe, release_zero3_params, verify_export
     from model.lora import lora_scaling, merged_for_export, save_adapter
+    from model.memory import parameter_counts
 
     t0 = time.time()
     release_zero3_params(engine)
@@ -406,7 +408,7 @@ def _export(engine, cfg, run: Run, model, tokenizer) -> None:
     card = None
     if run.main:
         card = model_card(cfg, vars(run.data_report) if run.data_report else {}, run.final_metrics,
-                          parameter_counts(run.model_config)["total"], recipe_name(), cfg.hub.repo_id)
+                          parameter_counts(run.model_config)["total"], cfg.recipe_name, cfg.hub.repo_id)
     export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling,
               training_config=OmegaConf.to_yaml(cfg, resolve=True), card=card)
     run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
@@ -419,17 +421,6 @@ def _export(engine, cfg, run: Run, model, tokenizer) -> None:
                       f"(tolerance {e['tol']:g} × {e['scale']:.3g})")
     if cfg.hub.repo_id and run.main:
         push_to_hub(run.out / "hf", cfg.hub.repo_id, cfg.hub.private, run, cfg.stage)
-
-
-def recipe_name() -> str | None:
-    """The `recipe=` this run was started with (from Hydra's command line), if any."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = HydraConfig.get().overrides.task
-    except Exception:  # not under @hydra.main (a test calling a stage function directly)
-        return None
-    return next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "recipe"), None)
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool, run: Run, stage: str) -> None:

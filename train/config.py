@@ -150,7 +150,6 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
     checkpoint_every: int = 0         # 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = False
@@ -159,6 +158,9 @@ class StageConfig:
     dist_timeout_s: int = 300         # collective timeout, and how long a silent peer rank is waited for
     max_bad_steps: int = 5            # stop (after a checkpoint) when this many steps in a row are non-finite
     memory_check: bool = True         # refuse a layout whose weights + gradients + optimizer states exceed a rank's memory
+    overwrite: bool = False           # start afresh in a non-empty output_dir (its tokenization cache is kept)
+    hub: HubConfig = field(default_factory=HubConfig)
+    recipe_name: Optional[str] = None  # set from the command line's recipe= (recorded in config.yaml)
 
 
 @dataclass
@@ -175,6 +177,7 @@ class SFTConfig(StageConfig):
 class DPOStageConfig(StageConfig):
     stage: str = "dpo"
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    allow_random_init: bool = False   # DPO a randomly initialised preset instead of a model_path (tests only)
 
 
 def register_schemas() -> None:
@@ -285,6 +288,9 @@ def validate(cfg, world_size: int | None = None) -> None:
             raise ConfigError(f"dpo.beta={cfg.dpo.beta}: must be > 0")
         if cfg.dpo.dpop_lambda < 0:
             raise ConfigError(f"dpo.dpop_lambda={cfg.dpo.dpop_lambda}: must be >= 0")
+        if not cfg.model_path and not cfg.allow_random_init:
+            raise ConfigError("model_path is required: DPO aligns a trained model (e.g. model_path=outputs/sft/hf, an SFT "
+                              "export, or a hub name); allow_random_init=true runs it on a randomly initialised preset")
     if world_size is not None:
         if world_size % cfg.expert_parallel_size:
             raise ConfigError(f"expert_parallel_size={cfg.expert_parallel_size} does not divide the world size "
@@ -293,6 +299,42 @@ def validate(cfg, world_size: int | None = None) -> None:
         if cfg.global_batch_size % per_step:
             raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size × "
                               f"world size = {cfg.micro_batch_size} × {world_size} = {per_step}")
+
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "memory.json", "skipped.jsonl", "hf", "hf.tmp", "adapter", "checkpoints")
+
+
+def check_output_dir(cfg) -> None:
+    """A stage never writes over an earlier run by accident: a non-empty `output_dir` needs resume=true
+    (continue it) or overwrite=true (start afresh; `start_afresh` clears it, keeping the tokenization cache)."""
+    out = os.path.expanduser(cfg.output_dir)
+    if cfg.resume or cfg.overwrite or not os.path.isdir(out):
+        return
+    found = sorted(name for name in os.listdir(out) if name in RUN_FILES)
+    if found:
+        raise ConfigError(f"output_dir={cfg.output_dir} holds an earlier run ({', '.join(found)}): resume=true continues "
+                          f"it, overwrite=true replaces it, or choose another output_dir")
+
+
+def start_afresh(cfg) -> None:
+    """overwrite=true: remove an earlier run's files from output_dir (rank 0, before anything is written)."""
+    import shutil
+
+    out = os.path.expanduser(cfg.output_dir)
+    if not cfg.overwrite or cfg.resume or not os.path.isdir(out):
+        return
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def stage_checks(cfg) -> None:
+    """Everything a stage checks from its config alone, before torch.distributed starts (train/cli.py)."""
+    validate(cfg)
+    check_output_dir(cfg)
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

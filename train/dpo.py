@@ -21,7 +21,6 @@ the first loss is ln 2 ≈ 0.6931 (sigmoid).
 
 from __future__ import annotations
 
-import hydra
 import torch
 
 from data.chat import IGNORE_INDEX
@@ -31,10 +30,11 @@ from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
 from model.losses import dpo_loss
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
-from train import common, faults, reference
+from train import cli, common, faults, reference
+from train.config import DPOStageConfig, stage_checks
 
 
-@hydra.main(config_path=common.CONFIG_DIR, config_name="dpo", version_base="1.3")
+@cli.main("dpo", DPOStageConfig, stage_checks)
 @faults.exit_on_peer_loss
 def main(cfg) -> None:
     run = common.start(cfg)

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import OmegaConf
 
 import train.config  # noqa: F401  (registers the schemas)
-from train.config import CONFIG_DIR
+from train import cli
+from train.config import CONFIG_DIR, PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ Final model (completion):
     return report
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="pipeline", version_base="1.3")
+@cli.main("pipeline", PipelineConfig)
 def main(cfg) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ From scratch the first loss is ≈ ln(32000) ≈ 10.4.
 
 from __future__ import annotations
 
-import hydra
 import torch
 
 from data.chat import IGNORE_INDEX
@@ -24,12 +23,13 @@ from data.dataset import GlobalBatches
 from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
-from train import common, faults
+from train import cli, common, faults
+from train.config import SFTConfig, stage_checks
 
 KIND = "messages"  # pretrain.py differs from this file in KIND and its docstring only
 
 
-@hydra.main(config_path=common.CONFIG_DIR, config_name="sft", version_base="1.3")
+@cli.main("sft", SFTConfig, stage_checks)
 @faults.exit_on_peer_loss
 def main(cfg) -> None:
     run = common.start(cfg)

@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from helpers import metrics, run_stage
+from helpers import check_hf_repository, metrics, run_stage
 
 pytestmark = pytest.mark.distributed
 
 # 8 pairs = one global batch, the same pairs every step
-REPEATED = ["recipe=tiny/dpo", "data.synthetic_samples=8", "global_batch_size=8", "micro_batch_size=2",
+REPEATED = ["recipe=tiny/dpo", "allow_random_init=true", "data.synthetic_samples=8", "global_batch_size=8", "micro_batch_size=2",
             "optim.schedule=constant", "optim.warmup_steps=0", "verify_export=false"]
 
 
@@ -26,7 +26,7 @@ def test_starts_at_ln2_and_learns_precomputed_vs_live(tmp_path):
     assert metrics(live)[0]["dpo"] == pytest.approx(m[0]["dpo"], abs=1e-6)
     assert metrics(live)[1]["dpo"] == pytest.approx(m[1]["dpo"], abs=1e-5)
     # a rerun in the same output folder reads the cache instead of recomputing
-    again = run_stage("dpo", pre, [*REPEATED, "max_steps=1", "export=false"])
+    again = run_stage("dpo", pre, [*REPEATED, "max_steps=1", "export=false", "overwrite=true"])
     assert "reference log-probs: loaded from cache" in again.stdout
 
 
@@ -47,8 +47,8 @@ def test_lora_adapters_off_reference(tmp_path):
     base = tmp_path / "base"
     build_model(OmegaConf.to_container(compose("dpo", ["recipe=tiny/dpo"]).model), seed=3).save_pretrained(base)
     out = tmp_path / "lora"
-    run_stage("dpo", out, [*REPEATED, "max_steps=4", "lora.enabled=true", "dpo.reference=adapters_off",
-                           "optim.lr=1e-2", "verify_export=true", f"model_path={base}"])
+    proc = run_stage("dpo", out, [*REPEATED, "max_steps=4", "lora.enabled=true", "dpo.reference=adapters_off",
+                                  "optim.lr=1e-2", "verify_export=true", f"model_path={base}"])
     m = metrics(out)
     assert m[0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)  # fresh adapters: policy == base
     assert m[-1]["rewards/margins"] > m[0]["rewards/margins"]
@@ -60,13 +60,14 @@ def test_lora_adapters_off_reference(tmp_path):
     ids = torch.randint(3, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+    check_hf_repository(out / "hf", proc.stdout, "dpo")
 
 
 @pytest.mark.parametrize("path, fmt", [("llama_factory_demo/dpo_en_demo.json", "sharegpt"),
                                        ("hh_rlhf/harmless-base_test.jsonl.gz", "hh_rlhf")])
 def test_real_preference_data(path, fmt, shared_data, tmp_path):
     out = tmp_path / "run"
-    proc = run_stage("dpo", out, ["recipe=tiny/dpo", f"data.path={shared_data / path}", f"data.format={fmt}",
+    proc = run_stage("dpo", out, ["recipe=tiny/dpo", "allow_random_init=true", f"data.path={shared_data / path}", f"data.format={fmt}",
                                   "data.max_samples=64", "data.on_error=skip", "max_seq_len=256", "max_steps=2",
                                   "verify_export=false"], nproc=1)
     m = metrics(out)

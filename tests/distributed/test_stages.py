@@ -90,7 +90,7 @@ def test_lora_adapter_and_merged_export(zero, experts, router, tmp_path):
     from train.config import compose
 
     out = tmp_path / "run"
-    run_stage("sft", out, ["recipe=tiny/sft", "max_steps=4", *REPEATED, "lora.enabled=true", f"deepspeed={zero}",
+    proc = run_stage("sft", out, ["recipe=tiny/sft", "max_steps=4", *REPEATED, "lora.enabled=true", f"deepspeed={zero}",
                            f"lora.experts={str(experts).lower()}", f"lora.train_router={str(router).lower()}",
                            "optim.lr=1e-2"])
     ls = losses(out)
@@ -107,3 +107,4 @@ def test_lora_adapter_and_merged_export(zero, experts, router, tmp_path):
     # folder carries it: the logits above match)
     assert not torch.allclose(merged.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(merged.model.layers[0].mlp.gate.weight, fresh.model.layers[0].mlp.gate.weight) != router
+    check_hf_repository(out / "hf", proc.stdout, "sft")

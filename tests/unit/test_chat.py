@@ -159,3 +159,34 @@ def test_real_sharegpt_and_alpaca_conversations_match(shared_data, tokenizer):
     ]
     for messages in convs:
         assert encode_chat(messages, tokenizer)[0] == _reference(messages, ValidationMode.finetuning)
+
+
+@pytest.mark.parametrize("system, user, answer", [
+    ("", "What is the capital of France?", "Paris."),               # empty system prompt = none (mistral_common)
+    ("  ", "hi", "hello"),                                           # blank but not empty: kept, as mistral_common
+    ("Be brief.", "line one\r\nline two", "ok\r\n"),                 # Windows line ends are text
+    ("\ufeffsystem with a BOM", "\ufeffhi", "\ufeffthere"),          # a BOM inside a message is text
+    ("zero\u200bwidth", "a\u200bb\u200c\u200d", "c\u2060d"),         # zero-width characters are text
+])
+def test_real_dataset_quirks_encode_as_mistral_common(system, user, answer, tokenizer):
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
+                {"role": "assistant", "content": answer}]
+    assert encode_chat(messages, tokenizer)[0] == _reference(messages, ValidationMode.finetuning)
+    assert encode_prompt(messages[:2], tokenizer) == _reference(messages[:2], ValidationMode.test)
+
+
+def test_held_out_chat_with_an_empty_system_prompt(shared_data, tokenizer, tmp_path):
+    """A real chat with `{"role": "system", "content": ""}` first trains as the same chat without it,
+    through the data loader too, as mistral_common encodes it."""
+    from data.dataset import load_canonical
+    from train.config import compose
+
+    row = json.loads((shared_data / "llama_factory_demo" / "alpaca_en_demo.json").read_text())[-1]
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": row["instruction"]},
+                {"role": "assistant", "content": row["output"]}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    cfg = compose("sft", [f"data.path={path}"]).data
+    (record,) = load_canonical(cfg, "messages", seed=0)
+    ids = encode_chat(record["messages"], tokenizer)[0]
+    assert ids == encode_chat(messages[1:], tokenizer)[0] == _reference(messages, ValidationMode.finetuning)

@@ -1,0 +1,105 @@
+"""The command line of every stage and eval command (train/cli.py): each mistake is one line on stderr,
+exit status 2, before any model loads."""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from helpers import REPO
+
+RUN = "/tmp/__no_such_run__"
+MISTAKES = [  # (script, arguments, text the one line must contain)
+    ("train/sft.py", ["recipe=tiny/sfft", "max_steps=2"], "recipe 'tiny/sfft' not found; did you mean tiny/sft?"),
+    ("train/sft.py", ["recipe=nothing/like/it"], "recipes: "),
+    ("train/sft.py", ["optim.lrr=1"], "unknown key 'optim.lrr'; did you mean optim.lr?"),
+    ("train/sft.py", ["+optim.lrr=1"], "unknown key 'optim.lrr'"),
+    ("train/sft.py", ["+foo=1"], "unknown key 'foo'"),
+    ("train/sft.py", ["max_steps=abc"], "max_steps='abc'"),
+    ("train/sft.py", ["lora.enabled=maybe"], "lora.enabled='maybe'"),
+    ("train/sft.py", ["deepspeed=zero5"], "deepspeed=zero5 not found; did you mean zero3?"),
+    ("train/sft.py", ["model=tinny"], "model=tinny not found; did you mean tiny?"),
+    ("train/sft.py", ["max_steps=0"], "max_steps=0: must be a positive integer"),
+    ("train/sft.py", ["data.format=csv"], "data.format='csv': expected one of"),
+    ("train/sft.py", ["optim.name=lion"], "optim.name='lion'"),
+    ("train/sft.py", ["expert_parallel_size=3"], "expert_parallel_size=3 does not divide"),
+    ("train/sft.py", ["model_path=/no/such/folder"], "model_path=/no/such/folder: no such folder"),
+    ("train/sft.py", ["max_seq_len=100000"], "max_seq_len=100000 exceeds"),
+    ("train/sft.py", ["data.on_error=ignore"], "data.on_error='ignore'"),
+    ("train/pretrain.py", ["recipe=tiny/pretrian"], "did you mean tiny/pretrain?"),
+    ("train/pretrain.py", ["optim.schedule=wsd", "optim.decay_fraction=0"], "optim.decay_fraction=0"),
+    ("train/pretrain.py", ["router.aux_loss_coef=-1"], "router.aux_loss_coef"),
+    ("train/dpo.py", ["recipe=tiny/dpo"], "model_path is required"),
+    ("train/dpo.py", ["recipe=tiny/dpo", "allow_random_init=true", "dpo.beta=0"], "dpo.beta=0.0: must be > 0"),
+    ("train/dpo.py", ["recipe=tiny/dpo", "allow_random_init=true", "dpo.loss_type=kto"], "dpo.loss_type='kto'"),
+    ("train/dpo.py", ["recipe=tiny/dpo", "allow_random_init=true", "dpo.betta=1"], "unknown key 'dpo.betta'; did you mean dpo.beta?"),
+    ("eval/passkey.py", [], "model_path is required"),
+    ("eval/passkey.py", ["model_path=RUN"], "is a run folder: its export is model_path=RUN/hf"),
+    ("eval/passkey.py", ["model_path=RUN/hf", "depths=[0,50,100]"], "depths=[0.0, 50.0, 100.0]: each depth is a share"),
+    ("eval/passkey.py", ["model_path=RUN/hf", "mode=chatt"], "mode='chatt': expected one of completion, chat"),
+    ("eval/passkey.py", ["model_path=RUN/hf", "trials=0"], "trials=0: must be >= 1"),
+    ("eval/mt_bench.py", ["model_path=RUN/hf", "model_id=x"], "questions=question.jsonl: no such file"),
+    ("eval/mt_bench.py", ["model_path=RUN/hf"], "model_id is required"),
+    ("eval/serve.py", ["model_path=RUN/hf", "port=0"], "port=0: expected 1-65535"),
+    ("eval/serve.py", ["model_path=RUN/hf", "max_new_tokens=-1"], "max_new_tokens=-1: must be >= 1"),
+    ("eval/serve.py", ["model_path=RUN/hf", "modell_id=a"], "unknown key 'modell_id'; did you mean model_id?"),
+    ("eval/chat.py", [], "model_path is required"),
+    ("eval/chat.py", ["model_path=RUN/hf", "temperature=-1"], "temperature=-1"),
+    ("eval/routing.py", ["model_path=RUN/hf", "seq_len=0"], "seq_len=0: must be >= 1"),
+    ("eval/routing.py", ["model_path=RUN/hf", "dtype=fp8"], "dtype='fp8': expected one of"),
+]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A folder shaped like a stage's output: <run>/hf/config.json."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    (run / "hf").mkdir(parents=True)
+    (run / "hf" / "config.json").write_text('{"model_type": "mixtral"}')
+    return run
+
+
+def test_every_mistake_is_one_line_and_exit_2(run_folder, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("RANK", None)
+
+    def call(case):
+        script, args, needle = case
+        args = [a.replace("RUN", str(run_folder)) for a in args]
+        if script.startswith("train/"):
+            args.append(f"output_dir={tmp_path / 'fresh'}")
+        proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        return case, args, proc, needle.replace("RUN", str(run_folder))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(call, MISTAKES))
+    assert len(MISTAKES) >= 25
+    failures = []
+    for (script, _, _), args, proc, needle in results:
+        lines = proc.stderr.strip().splitlines()
+        if not (proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("config error: ") and needle in lines[0]
+                and "Traceback" not in proc.stdout):
+            failures.append((script, args, proc.returncode, proc.stderr[-1500:]))
+    assert not failures, failures
+    assert not (tmp_path / "fresh").exists()  # nothing was started
+
+
+def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    proc = subprocess.run([sys.executable, "train/sft.py", "recipe=tiny/sft", f"output_dir={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"config error: output_dir={out} holds an earlier run (metrics.jsonl): resume=true "
+                                   f"continues it, overwrite=true replaces it, or choose another output_dir")
+    from train.config import check_output_dir, compose, start_afresh
+
+    (out / "cache").mkdir()
+    for ok in (["resume=true"], ["overwrite=true"]):
+        check_output_dir(compose("sft", [f"output_dir={out}", *ok]))  # accepted
+    start_afresh(compose("sft", [f"output_dir={out}", "overwrite=true"]))
+    assert sorted(p.name for p in out.iterdir()) == ["cache"]  # the tokenization cache is kept

@@ -1,0 +1,169 @@
+"""The command line of every stage and eval command: strict, early, one line per mistake.
+
+`@cli.main("sft")` replaces `@hydra.main(...)`. Before Hydra runs (and so before any model loads), the
+command line is composed exactly as Hydra will compose it and checked:
+
+    an unknown recipe            config error: recipe 'tiny/sfft' not found; did you mean tiny/sft?
+    an unknown key (also +key)   config error: unknown key 'optim.lrr'; did you mean optim.lr?
+    a wrong type                 config error: max_steps='abc': Value 'abc' of type 'str' could not be converted to Integer
+    an unknown group option      config error: deepspeed=zero5 not found; did you mean zero3? (zero0, zero1, ...)
+    a value out of range, an unknown choice, a combination that cannot work: the command's own checks
+                                 (train/config.py `validate`, eval/config.py `validate_eval`)
+
+Each prints one line on stderr from rank 0 only (every rank of a torchrun job exits), with exit code 2 and no
+traceback. The recipe's name is recorded in the config (`recipe_name`), so the saved config.yaml says which
+recipe ran. Under torchrun, the launcher itself adds its summary of a failed worker after the line; a
+one-process run (`python train/sft.py ...`) prints the line alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import sys
+import typing
+from pathlib import Path
+
+from train.config import CONFIG_DIR, ConfigError
+
+RECIPE_DIR = Path(CONFIG_DIR) / "recipe"
+
+
+def recipes() -> list[str]:
+    return sorted(p.relative_to(RECIPE_DIR).with_suffix("").as_posix() for p in RECIPE_DIR.rglob("*.yaml")
+                  if not p.name.startswith("_"))
+
+
+def _close(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def _schema_keys(schema) -> tuple[set[str], set[str]]:
+    """(every dotted key of a dataclass schema, the keys whose values are free-form dicts)."""
+    keys, free = set(), set()
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, kind = prefix + f.name, hints[f.name]
+            keys.add(key)
+            if dataclasses.is_dataclass(kind):
+                walk(kind, key + ".")
+            elif typing.get_origin(kind) is dict or kind is dict:
+                free.add(key)
+
+    walk(schema, "")
+    return keys, free
+
+
+def _unknown_keys(cfg, schema) -> list[str]:
+    """Keys of the composed config that the schema does not declare (added with `+key=` or by a recipe)."""
+    from omegaconf import DictConfig
+
+    keys, free = _schema_keys(schema)
+    found = []
+
+    def walk(node, prefix):
+        for k in node.keys():
+            key = prefix + str(k)
+            if key not in keys:
+                found.append(key)
+            elif key not in free and isinstance(node._get_node(k), DictConfig):
+                walk(node[k], key + ".")
+
+    walk(cfg, "")
+    return found
+
+
+def _hydra_message(e: Exception, overrides: list[str]) -> str:
+    """One line for an exception raised while composing."""
+    from hydra.errors import MissingConfigException
+
+    cause = e.__cause__ or e.__context__ or e
+    full_key = getattr(cause, "full_key", None) or getattr(e, "full_key", None)
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(e, MissingConfigException) or "Could not find" in str(e):
+        group, _, option = str(getattr(e, "missing_cfg_file", None) or "").rpartition("/")
+        options = list(getattr(e, "options", None) or [])
+        if group and option:
+            return f"{group}={option} not found{_close(option, options)}" + (f" ({', '.join(options)})" if options else "")
+        return str(e).strip().splitlines()[0]
+    name = type(cause).__name__
+    if full_key and name in ("ConfigKeyError", "ConfigAttributeError", "KeyValidationError"):
+        return f"unknown key '{full_key}'"
+    if full_key:
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == full_key), None)
+        return f"{full_key}={value!r}: {text}" if value is not None else f"{full_key}: {text}"
+    return text
+
+
+def compose_strict(config_name: str, overrides: list[str], schema):
+    """The config Hydra will run with, or ConfigError (one line) for any mistake in `overrides`."""
+    from train.config import compose
+
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "recipe" and value not in ("", "null") and value not in recipes():
+            hint = _close(value, recipes()) or f" (recipes: {', '.join(recipes())})"
+            raise ConfigError(f"recipe '{value}' not found{hint}")
+    try:
+        cfg = compose(config_name, overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many kinds; each becomes one line
+        message = _hydra_message(e, overrides)
+        if message.startswith("unknown key '"):
+            key = message.split("'")[1]
+            message += _close(key, _schema_keys(schema)[0])
+        raise ConfigError(message) from None
+    unknown = _unknown_keys(cfg, schema)
+    if unknown:
+        raise ConfigError(f"unknown key '{unknown[0]}'{_close(unknown[0], _schema_keys(schema)[0])}")
+    return cfg
+
+
+def _overrides(argv: list[str]) -> list[str] | None:
+    """The key=value overrides of a command line, or None when Hydra flags (--help, --cfg, -m) are used."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    return list(argv)
+
+
+def fail(message: str) -> None:
+    """Print `config error: message` once (rank 0 of a distributed job) and exit with status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"config error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(config_name: str, schema, check=None):
+    """Decorator for a command's `main(cfg)`: strict checks, then Hydra as usual. `check(cfg)` adds the
+    command's own rules (raise ConfigError)."""
+    import hydra
+
+    def decorate(fn):
+        hydra_main = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
+
+        @functools.wraps(fn)
+        def with_recipe(cfg):
+            recipe = next((o.split("=", 1)[1] for o in sys.argv[1:] if o.split("=", 1)[0].lstrip("+~") == "recipe"), None)
+            if "recipe_name" in cfg:
+                cfg.recipe_name = recipe
+            return fn(cfg)
+
+        @functools.wraps(fn)
+        def run():
+            overrides = _overrides(sys.argv[1:])
+            if overrides is not None:
+                try:
+                    cfg = compose_strict(config_name, overrides, schema)
+                    if check is not None:
+                        check(cfg)
+                except ConfigError as e:
+                    fail(str(e))
+            return hydra_main(with_recipe)()
+
+        return run
+
+    return decorate
