@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from train.console import progress as progress_lines
 
 from data.chat import encode_prompt
 from data.tokenizer import load_tokenizer
@@ -40,7 +40,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     results: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
+    for start in progress_lines(range(0, len(order), batch_size), desc, enabled=progress):
         idx = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), tokenizer.pad_id, dtype=torch.long)

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from eval.config import CONFIG_DIR, MTBenchConfig, validate_eval
-from train import cli
+from train import cli, console
 
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
                "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
@@ -159,7 +159,7 @@ def judge_prompt(q: dict, answer_turns: list[str], turn: int, prompts: dict, ref
 def judge_answers(questions: list[dict], answers: list[dict], model_id: str, judgment_file: Path, judge_cfg,
                   prompts: dict, refs: dict, progress: bool = True) -> list[dict]:
     """Judge every (question, turn) of `model_id` not yet in `judgment_file`."""
-    from tqdm import tqdm
+    from train.console import progress as progress_lines
 
     api_key = os.environ.get(judge_cfg.api_key_env) if judge_cfg.api_key_env else None
     done = {(j["question_id"], j["turn"]) for j in read_jsonl(judgment_file) if j["model"] == model_id}
@@ -179,7 +179,7 @@ def judge_answers(questions: list[dict], answers: list[dict], model_id: str, jud
                 "tstamp": time.time()}
 
     with ThreadPoolExecutor(max_workers=max(1, judge_cfg.concurrency)) as pool:
-        for row in tqdm(pool.map(run, jobs), total=len(jobs), desc="judge", disable=not progress, dynamic_ncols=True):
+        for row in progress_lines(pool.map(run, jobs), "judge", total=len(jobs), enabled=progress):
             append_jsonl(judgment_file, [row])  # one line at a time: a crash loses nothing judged
     return [j for j in read_jsonl(judgment_file) if j["model"] == model_id]
 
@@ -266,6 +266,11 @@ def main(cfg) -> None:
             print(f"warning: {summary['unparsable']} judgments had no parsable rating ([[x]] or [x]) and are left out")
     else:
         print("no judge configured (judge.base_url): answers only")
+    out = Path(cfg.output_dir)
+    results = [f"{summary['answers']} answers" + (f"; {summary['unparsable']} judgments unparsable" if summary.get("unparsable") else "")]
+    console.summary("mt_bench", time.time() - console.STARTED, results,
+                    [out / "model_answer" / f"{cfg.model_id}.jsonl", *sorted((out / "model_judgment").glob("*.jsonl")),
+                     *sorted(out.glob("*.md")), *sorted(out.glob("*.json"))])
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 from pathlib import Path
 
 from data.chat import encode_prompt
 from eval.config import CONFIG_DIR, PasskeyConfig, validate_eval
-from train import cli
+from train import cli, console
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -171,8 +172,10 @@ def main(cfg) -> None:
 
     model, tokenizer = load(cfg.model_path, cfg.dtype)
     result = evaluate(model, tokenizer, cfg, cfg.output_dir)
-    print((Path(cfg.output_dir) / "passkey.md").read_text())
-    print(f"wrote {cfg.output_dir}/passkey.json, passkey.png, passkey.md (overall {result['accuracy']:.3f})")
+    out = Path(cfg.output_dir)
+    print((out / "passkey.md").read_text())
+    console.summary("passkey", time.time() - console.STARTED, [f"retrieval accuracy {result['accuracy']:.3f}"],
+                    [out / "passkey.json", out / "passkey.png", out / "passkey.md"])
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ of t−1's top-k ("first or second" for Mixtral). Uniform routing gives 1/E and 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from eval.config import CONFIG_DIR, RoutingConfig, validate_eval
 from model.router import RouterLogitsRecorder
-from train import cli
+from train import cli, console
 
 
 def subset_texts(data: dict) -> dict[str, list[str]]:
@@ -112,7 +113,8 @@ def main(cfg) -> None:
     for name, r in result.items():
         print(f"{name}: {r['tokens']} tokens; same first expert as previous token per layer: "
               + ", ".join(f"{x:.2f}" for x in r["same_expert_first"]) + f" (uniform {r['uniform_first']:.2f})")
-    print(f"wrote {out}/routing.json and routing.png")
+    console.summary("routing", time.time() - console.STARTED, [f"{len(result)} subsets: {', '.join(result)}"],
+                    [out / "routing.json", out / "routing.png"])
 
 
 if __name__ == "__main__":

@@ -1,176 +1,336 @@
-"""An OpenAI-compatible HTTP server for an HF Mixtral folder, with the [INST] template.
+"""An OpenAI-compatible HTTP server for an HF Mixtral folder (FastAPI + uvicorn), with the [INST] template.
 
     python eval/serve.py model_path=outputs/sft/hf port=8000          # binds 127.0.0.1 unless host= is given
 
-Endpoints: GET /v1/models; POST /v1/chat/completions (non-streaming, and streaming as server-sent
-events when "stream": true). Any OpenAI client can talk to a trained model, and the MT-Bench judge
-path can be tested against a real server. One request generates at a time (a lock); the stdlib
-ThreadingHTTPServer keeps the others waiting, not refused.
+Endpoints, in OpenAI's wire format (tests use the official `openai` client):
+
+    GET  /v1/models             the one model, named `model_id` (default: the run's name, e.g. "sft" for outputs/sft/hf)
+    POST /v1/chat/completions   messages → [INST] prompt (data/chat.py); "stream": true sends server-sent events
+    POST /v1/completions        a raw text prompt (BOS + sentencepiece), for base models; streaming too
+
+Every request is checked before anything is generated or any stream starts, so a malformed one gets a 4xx
+and OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}): bad JSON, a body or message that
+is not an object, unknown roles, roles out of order, wrong types, `max_tokens` < 1 or beyond the context,
+`n` ≠ 1, a prompt longer than the context (code `context_length_exceeded`), a body over 4 MiB (413).
+`stop` (a string or up to 4) ends the answer before the first stop sequence (finish_reason "stop").
+One generation runs at a time; concurrent requests queue (uvicorn's thread pool) and are all answered.
 """
 
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from starlette.requests import Request  # module level: FastAPI resolves the handlers' annotations here
 
 from data.chat import ChatFormatError, encode_prompt
-from eval.config import CONFIG_DIR, ServeConfig, validate_eval
+from eval.config import ServeConfig, validate_eval
 from train import cli
 
-
-class _Streamer:
-    """transformers streamer: receives new token ids during `generate` and queues them."""
-
-    def __init__(self):
-        self.q: queue.Queue = queue.Queue()
-        self.skip_prompt = True
-
-    def put(self, value):
-        if self.skip_prompt:  # the first call carries the prompt
-            self.skip_prompt = False
-            return
-        self.q.put(value.reshape(-1).tolist())
-
-    def end(self):
-        self.q.put(None)
+MAX_BODY_BYTES = 4 * 2**20
+ROLES = ("system", "user", "assistant")
 
 
-class ChatServer:
+class BadRequest(ValueError):
+    """A request the server refuses: OpenAI's error JSON with this status."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    """A checked request: prompt ids and how to generate."""
+    ids: list[int]
+    max_new: int
+    temperature: float
+    top_p: float
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    seed: int | None = None
+    completion_tokens: int = 0
+
+
+def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:50]}", key)
+    if not lo <= value <= hi:
+        raise BadRequest(f"'{key}' must be between {lo:g} and {hi:g}, got {value}", key)
+    return value
+
+
+def _content(m: dict, i: int) -> str:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    content = m.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                         for p in content):
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise BadRequest(f"messages[{i}].content must be a string (or a list of text parts)", f"messages[{i}].content")
+    return content
+
+
+class Generator:
+    """The model behind the endpoints: request checking and (locked) generation."""
+
     def __init__(self, model, tokenizer, model_id: str, max_new_tokens: int = 512):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.max_new_tokens = max_new_tokens
+        self.context = int(model.config.max_position_embeddings)
         self.lock = threading.Lock()
 
-    def _prompt(self, body: dict) -> tuple[list[int], int, float]:
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise ValueError("'messages' must be a list")
-        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
-        ids = encode_prompt(msgs, self.tokenizer)
-        max_new = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.max_new_tokens)
-        room = self.model.config.max_position_embeddings - len(ids)
-        if room < 1:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the context of {self.model.config.max_position_embeddings}")
-        return ids, max(1, min(max_new, room)), float(body.get("temperature", 0.0) or 0.0)
-
-    def _generate_kwargs(self, ids: list[int], max_new: int, temperature: float) -> dict:
-        return dict(input_ids=torch.tensor([ids], device=self.model.device), max_new_tokens=max_new,
-                    do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=None,
-                    top_k=None, eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id, use_cache=True)
-
-    def complete(self, body: dict) -> dict:
-        ids, max_new, temperature = self._prompt(body)
-        with self.lock, torch.no_grad():
-            out = self.model.generate(**self._generate_kwargs(ids, max_new, temperature))[0, len(ids):].tolist()
-        finish = "stop" if self.tokenizer.eos_id in out else "length"
-        if self.tokenizer.eos_id in out:
-            out = out[:out.index(self.tokenizer.eos_id)]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.tokenizer.decode(out)},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}}
-
-    def stream(self, body: dict):
-        """Yields chat.completion.chunk dicts as tokens are produced."""
-        ids, max_new, temperature = self._prompt(body)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def chunk(delta, finish=None):
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-        yield chunk({"role": "assistant", "content": ""})
-        with self.lock:
-            streamer = _Streamer()
-            kwargs = self._generate_kwargs(ids, max_new, temperature)
-            worker = threading.Thread(target=lambda: self._run(kwargs, streamer), daemon=True)
-            worker.start()
-            got, sent, finish = [], "", "length"
-            while (new := streamer.q.get()) is not None:
-                if self.tokenizer.eos_id in new:
-                    new = new[:new.index(self.tokenizer.eos_id)]
-                    finish = "stop"
-                got += new
-                text = self.tokenizer.decode(got)
-                if len(text) > len(sent) and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                    yield chunk({"content": text[len(sent):]})
-                    sent = text
-                if finish == "stop":
-                    break
-            worker.join()
-        yield chunk({}, finish)
-
-    def _run(self, kwargs, streamer):
-        with torch.no_grad():
-            self.model.generate(**kwargs, streamer=streamer)
-        streamer.end()
-
-
-def make_handler(server: ChatServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt, *args):  # quiet; errors are answered in JSON
-            pass
-
-        def _json(self, code: int, obj: dict):
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, code: int, message: str):
-            self._json(code, {"error": {"message": message, "type": "invalid_request_error" if code < 500 else "server_error"}})
-
-        def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": server.model_id, "object": "model",
-                                                               "created": 0, "owned_by": "mixtral-tune"}]})
-            else:
-                self._error(404, f"no route {self.path}")
-
-        def do_POST(self):
-            if self.path.rstrip("/") != "/v1/chat/completions":
-                return self._error(404, f"no route {self.path}")
+    # ---- checking ------------------------------------------------------------------------------
+    def job(self, body, chat: bool) -> Job:
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
+            msgs = []
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict):
+                    raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
+                if m.get("role") not in ROLES:
+                    raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
+                                     f"{json.dumps(m.get('role'))[:40]}", f"messages[{i}].role")
+                msgs.append({"role": m["role"], "content": _content(m, i)})
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if not body.get("stream"):
-                    return self._json(200, server.complete(body))
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                for c in server.stream(body):
-                    self.wfile.write(f"data: {json.dumps(c)}\n\n".encode())
-                    self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-                self.close_connection = True
-            except (ValueError, ChatFormatError, json.JSONDecodeError) as e:
-                self._error(400, str(e))
-            except Exception as e:  # noqa: BLE001 - answer the client, keep serving
-                self._error(500, f"{type(e).__name__}: {e}")
+                ids = encode_prompt(msgs, self.tokenizer)
+            except ChatFormatError as e:
+                raise BadRequest(str(e), "messages") from None
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise BadRequest("'prompt' must be a non-empty string", "prompt")
+            ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+        n = body.get("n", 1)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
+            raise BadRequest(f"only n=1 is supported, got {json.dumps(n)[:40]}", "n")
+        if not isinstance(body.get("stream", False), bool):
+            raise BadRequest("'stream' must be true or false", "stream")
+        if body.get("model") is not None and not isinstance(body["model"], str):
+            raise BadRequest("'model' must be a string", "model")
+        room = self.context - len(ids)
+        if room < 1:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; this model's context is {self.context} tokens",
+                             "messages" if chat else "prompt", "context_length_exceeded")
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_new = _number(body, key, min(self.max_new_tokens, room), 1, self.context, integer=True)
+        if max_new > room:
+            raise BadRequest(f"'{key}'={max_new} plus the prompt's {len(ids)} tokens exceed the context of "
+                             f"{self.context} tokens", key, "context_length_exceeded")
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest("'seed' must be an integer", "seed")
+        return Job(ids, max_new, float(_number(body, "temperature", 0.0, 0.0, 2.0)),
+                   float(_number(body, "top_p", 1.0, 1e-9, 1.0)), stop, body.get("stream", False), seed)
 
-    return Handler
+    # ---- generating ----------------------------------------------------------------------------
+    def tokens(self, job: Job):
+        """Yields the new token ids one at a time (greedy or sampled with the KV cache), holding the lock."""
+        with self.lock, torch.no_grad():
+            if job.seed is not None:
+                torch.manual_seed(job.seed)
+            ids = torch.tensor([job.ids], device=self.model.device)
+            past, step_ids = None, ids
+            for _ in range(job.max_new):
+                out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[0, -1].float()
+                if job.temperature > 0:
+                    probs = torch.softmax(logits / job.temperature, dim=-1)
+                    if job.top_p < 1.0:
+                        sorted_p, order = probs.sort(descending=True)
+                        keep = sorted_p.cumsum(0) - sorted_p < job.top_p
+                        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+                    token = int(torch.multinomial(probs / probs.sum(), 1))
+                else:
+                    token = int(logits.argmax())
+                if token == self.tokenizer.eos_id:
+                    return
+                yield token
+                step_ids = torch.tensor([[token]], device=self.model.device)
+
+    def pieces(self, job: Job):
+        """Yields (new text, None) as text becomes final — whole UTF-8 characters, never the start of a stop
+        sequence that may still complete — then ("", finish_reason): "stop" at </s> or a stop sequence,
+        "length" at max_tokens. Sets `job.completion_tokens`."""
+        got, sent, text, finish = [], "", "", None
+        hold = max((len(s) for s in job.stop), default=1) - 1
+        tokens = self.tokens(job)
+        try:
+            for token in tokens:
+                got.append(token)
+                text = self.tokenizer.decode(got)
+                cut = min((text.find(s) for s in job.stop if s in text), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    break
+                ready = text[:len(text) - hold] if hold else text
+                if len(ready) > len(sent) and not ready.endswith("\ufffd"):
+                    yield ready[len(sent):], None
+                    sent = ready
+        finally:
+            tokens.close()  # releases the lock when a stop sequence ends the answer early
+        job.completion_tokens = len(got)
+        if len(text) > len(sent):
+            yield text[len(sent):], None
+        yield "", finish or ("stop" if len(got) < job.max_new else "length")
+
+
+def _chunk(kind: str, cid: str, created: int, model: str, text: str | None, finish, role: bool = False) -> dict:
+    if kind == "chat":
+        delta = ({"role": "assistant", "content": ""} if role else {"content": text} if text else {})
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+
+
+def build_app(gen: Generator):
+    """The FastAPI application over a `Generator`."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="mixtral-tune", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(e: BadRequest) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # 404 / 405 in OpenAI's shape
+        return error(BadRequest(f"{exc.detail}: {request.method} {request.url.path}", status=exc.status_code))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return error(BadRequest(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):  # never expected: answer in JSON and keep serving
+        return JSONResponse({"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error",
+                                       "param": None, "code": None}}, status_code=500)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": gen.model_id, "object": "model", "created": 0,
+                                             "owned_by": "mixtral-tune"}]}
+
+    async def body_of(request: Request):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            raise BadRequest(f"the request body exceeds {MAX_BODY_BYTES} bytes", status=413)
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise BadRequest(f"the request body exceeds {MAX_BODY_BYTES} bytes", status=413)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON ({e})") from None
+
+    async def serve(request: Request, kind: str):
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            job = gen.job(await body_of(request), chat=kind == "chat")
+        except BadRequest as e:
+            return error(e)
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if job.stream:
+            def events():
+                if kind == "chat":
+                    yield f"data: {json.dumps(_chunk(kind, cid, created, gen.model_id, None, None, role=True))}\n\n"
+                for text, finish in gen.pieces(job):
+                    if text or finish:
+                        yield f"data: {json.dumps(_chunk(kind, cid, created, gen.model_id, text, finish))}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        def whole():
+            parts = list(gen.pieces(job))
+            return "".join(t for t, _ in parts), parts[-1][1], job.completion_tokens
+
+        text, finish, n = await run_in_threadpool(whole)
+        usage = {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"id": cid, "object": "chat.completion", "created": created, "model": gen.model_id,
+                    "choices": [choice], "usage": usage}
+        return {"id": cid, "object": "text_completion", "created": created, "model": gen.model_id,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": usage}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await serve(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await serve(request, "completion")
+
+    return app
+
+
+class Running:
+    """A server started in a background thread: `.server_address`, `.shutdown()`."""
+
+    def __init__(self, server, thread):
+        self.server, self.thread = server, thread
+
+    @property
+    def server_address(self):
+        sock = self.server.servers[0].sockets[0]
+        return sock.getsockname()[:2]
+
+    def shutdown(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _uvicorn(app, host: str, port: int):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                         timeout_keep_alive=30))
 
 
 def start_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-                 max_new_tokens: int = 512) -> ThreadingHTTPServer:
-    """Start serving in a background thread; returns the server (`.server_address`, `.shutdown()`)."""
-    httpd = ThreadingHTTPServer((host, port), make_handler(ChatServer(model, tokenizer, model_id, max_new_tokens)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
+                 max_new_tokens: int = 512) -> Running:
+    """Start serving in a background thread (tests, the MT-Bench judge path); returns once it accepts."""
+    server = _uvicorn(build_app(Generator(model, tokenizer, model_id, max_new_tokens)), host, port)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.05)
+    return Running(server, thread)
+
+
+def default_model_id(model_path: str) -> str:
+    """The run's name: `outputs/sft/hf` → "sft"; a hub name or other folder → its last part."""
+    path = Path(str(model_path))
+    return path.resolve().parent.name if path.name == "hf" and path.is_dir() else path.name
 
 
 @cli.main("serve", ServeConfig, validate_eval)
@@ -178,15 +338,10 @@ def main(cfg) -> None:
     from eval.generate import load
 
     model, tokenizer = load(cfg.model_path, cfg.dtype)
-    model_id = cfg.model_id or Path(str(cfg.model_path)).resolve().name
-    httpd = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(ChatServer(model, tokenizer, model_id, cfg.max_new_tokens)))
-    print(f"serving {model_id} at http://{cfg.host}:{httpd.server_address[1]}/v1 (Ctrl-C to stop)", flush=True)
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.server_close()
+    model_id = cfg.model_id or default_model_id(cfg.model_path)
+    server = _uvicorn(build_app(Generator(model, tokenizer, model_id, cfg.max_new_tokens)), cfg.host, cfg.port)
+    print(f"serving {model_id} at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)", flush=True)
+    server.run()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import sys
 import typing
 from pathlib import Path
 
+from train import console
 from train.config import CONFIG_DIR, ConfigError
 
 RECIPE_DIR = Path(CONFIG_DIR) / "recipe"
@@ -154,6 +155,7 @@ def main(config_name: str, schema, check=None):
 
         @functools.wraps(fn)
         def run():
+            console.setup()
             overrides = _overrides(sys.argv[1:])
             if overrides is not None:
                 try:

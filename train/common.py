@@ -29,7 +29,7 @@ from model.distributed import batch_arithmetic, deepspeed_config, fp32_master_sh
 from model.head import install_loss_head
 from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.router import router_statistics
-from train import faults, preflight
+from train import console, faults, preflight
 from train.config import ConfigError, check_output_dir, start_afresh, validate
 from train.memory_log import PhaseMemory, set_mmap_threshold
 
@@ -49,6 +49,7 @@ class Run:
     model_config: Any = None          # the MixtralConfig trained (model_path's config.json, or the preset)
     data_report: Any = None           # rank 0: the training data's DataReport (for the model card)
     final_metrics: dict = field(default_factory=dict)  # rank 0: the last metrics row
+    t0: float = field(default_factory=lambda: console.STARTED)  # when the command started
 
     @property
     def main(self) -> bool:
@@ -93,8 +94,13 @@ def start(cfg) -> Run:
     if "RANK" not in os.environ:  # plain `python train/sft.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), verbose=False)
+    out = Path(cfg.output_dir)
+    if os.environ["RANK"] == "0":
+        start_afresh(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with console.build_output_to(out / "build.log"):  # DeepSpeed compiles its CPU collective op here
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), verbose=False)
     rank = dist.get_rank()
     faults.WATCHDOG[0] = faults.Watchdog(rank, world, cfg.dist_timeout_s, cfg.stage)
     random.seed(cfg.seed + rank)
@@ -104,8 +110,6 @@ def start(cfg) -> Run:
               out=Path(cfg.output_dir), gas=cfg.global_batch_size // (cfg.micro_batch_size * world),
               model_config=model_cfg)
     if run.main:
-        start_afresh(cfg)
-        run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     run.barrier()
     run.memory = PhaseMemory(run, cfg.stage)
@@ -386,6 +390,17 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
         _export(engine, cfg, run, model, tokenizer)
         run.memory.end("export")
     run.memory.save()
+    if run.main:
+        final = run.final_metrics
+        results = [f"{step} steps; final {console.loss_terms(final, cfg)}" if final else f"{step} steps"]
+        if "rewards/accuracy" in final:
+            results.append(f"final reward accuracy {final['rewards/accuracy']:.3f}, margin {final['rewards/margins']:.4f}")
+        if run.memory.phases:
+            results.append("peak RSS per rank: " + ", ".join(
+                f"{phase} {max(p['peak_rss_bytes']) / 2**30:.2f} GiB" for phase, p in run.memory.phases.items()))
+        files = [run.out / n for n in ("config.yaml", "metrics.jsonl", "memory.json", "skipped.jsonl", "build.log",
+                                       "checkpoints", "adapter", "hf")]
+        console.summary(cfg.stage, time.time() - run.t0, results, files)
     faults.finished()
 
 
@@ -449,7 +464,7 @@ class Metrics:
     def __init__(self, cfg, run: Run, start_step: int, num_layers: int, num_experts: int):
         self.cfg, self.run = cfg, run
         self.path = run.out / "metrics.jsonl"
-        self.t0 = time.time()
+        self.t0, self.start_step = time.time(), start_step
         self.last = time.time()
         self.idle_steps = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.wandb = None
@@ -462,7 +477,7 @@ class Metrics:
         from tqdm import tqdm
 
         self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.stage, dynamic_ncols=True,
-                        disable=not sys.stderr.isatty() and os.environ.get("MIXTRAL_TUNE_PROGRESS") != "1")
+                        disable=not console.is_terminal())
         if cfg.logging.backend == "wandb":
             import wandb
 
@@ -506,10 +521,13 @@ class Metrics:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
             self.bar.update(step - self.bar.n)
         if self.bar.disable and step % max(1, self.cfg.logging.log_every) == 0:  # no tty: plain lines
-            keys = [k for k in ("loss", "ce", "dpo", "aux", "z", "rewards/accuracy", "rewards/margins") if k in values]
-            print(f"[{self.cfg.stage}] step {step}/{self.cfg.max_steps} "
-                  + " ".join(f"{k}={values[k]:.4f}" for k in keys)
-                  + f" lr={values.get('lr', 0):.2e} tok/s={values['tokens_per_s']:.0f}", flush=True)
+            done = max(1, step - self.start_step)
+            elapsed = now - self.t0
+            reward = (f", reward accuracy {values['rewards/accuracy']:.2f} margin {values['rewards/margins']:.4f}"
+                      if "rewards/accuracy" in values else "")
+            print(f"[{self.cfg.stage}] step {step}/{self.cfg.max_steps} {console.loss_terms(values, self.cfg)}{reward}"
+                  f", lr {values.get('lr', 0):.2e}, {values['tokens_per_s']:.0f} tok/s, {console.duration(elapsed)} "
+                  f"elapsed, ETA {console.duration(elapsed / done * (self.cfg.max_steps - step))}", flush=True)
         if self.wandb is not None:
             flat = {k: v for k, v in values.items() if isinstance(v, (int, float))}
             for layer, row in enumerate(stats["load"]):

@@ -52,10 +52,10 @@ def compute_logps(engine, pairs: list[dict], micro: int, tokenizer, rank: int, w
     mine = [(rank + world * i) % n for i in range(iters * micro)]  # equal work on every rank
     was_training = engine.module.training
     engine.eval()
-    from tqdm import tqdm
+    from train.console import progress
 
     seen = set()
-    for it in tqdm(range(iters), desc=desc, disable=rank != 0, dynamic_ncols=True):
+    for it in progress(range(iters), desc, enabled=rank == 0):
         ix = mine[it * micro:(it + 1) * micro]
         b = {k: v.to(device) for k, v in collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix,
                                                       tokenizer).items()}

@@ -108,3 +108,41 @@ def test_lora_adapter_and_merged_export(zero, experts, router, tmp_path):
     assert not torch.allclose(merged.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(merged.model.layers[0].mlp.gate.weight, fresh.model.layers[0].mlp.gate.weight) != router
     check_hf_repository(out / "hf", proc.stdout, "sft")
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_log_file_without_a_terminal(stage, tmp_path):
+    """Run as a batch job would (stdout and stderr into one file): no carriage returns, no compiler output or
+    known third-party warnings; plain step lines whose loss terms add up, with ETA; the summary block last."""
+    import re
+    import subprocess
+
+    from helpers import REPO, stage_cmd
+
+    out = tmp_path / "run"
+    extra = ["allow_random_init=true", "dpo.sft_weight=0.5"] if stage == "dpo" else []
+    cmd, env = stage_cmd(stage, out, [f"recipe=tiny/{stage}", "max_steps=3", "data.synthetic_samples=32", *extra])
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env={**env, "PYTHONWARNINGS": "default"}, stdout=f, stderr=subprocess.STDOUT,
+                              timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    for noise in ("gcc ", "built successfully", "untested optimizer", "FutureWarning", "Setting accelerator"):
+        assert noise not in text, noise
+    assert "gcc " in (out / "build.log").read_text()  # the build output went to its own file
+    steps = [l for l in text.splitlines() if l.startswith(f"[{stage}] step ")]
+    assert len(steps) == 3 and all("ETA" in l and "elapsed" in l and "tok/s" in l for l in steps), steps
+    for line in steps:  # "loss X = a A + b B (w × b) + ..." adds up
+        total = float(re.search(r"loss (\S+) = ", line).group(1))
+        terms = re.findall(r"(?:= |\+ )\w+ (-?[\d.]+)", line)
+        assert abs(total - sum(map(float, terms))) < 3e-4, line
+        if stage == "dpo":
+            assert "dpo " in line and "nll " in line and "reward accuracy" in line, line
+    tail = text.strip().splitlines()
+    start = max(i for i, l in enumerate(tail) if "summary" in l)
+    block = tail[start:]
+    assert block[1].startswith(f"[{stage}] wall time") and any("files:" in l for l in block), block
+    assert any(str(out / "hf") in l for l in block) and any(str(out / "metrics.jsonl") in l for l in block), block
+    assert all(l.startswith(f"[{stage}] ") for l in block)
