@@ -92,3 +92,29 @@ def per_rank_bytes(config, layout: Layout) -> dict:
 
 def gib(x: float) -> str:
     return f"{x / 2**30:.1f} GiB"
+
+
+def activation_bytes(config, tokens: int, dtype_bytes: int, checkpointing: bool) -> float:
+    """Activations one rank keeps for the backward of a micro-batch of `tokens` tokens (an estimate).
+
+    Per token and decoder layer (b bytes per element; attention through SDPA / flash attention, so no
+    S×S scores are kept; k experts per token, ffn width f, key/value width kv):
+        attention   b · (6·hidden + 2·kv)                 norm output, q, k, v, attention output, residual
+        MoE         b · k · (hidden + 4·f) + 4 · E         each routed copy: input, gate, up, act(gate)·up; fp32 router logits
+    With gradient checkpointing only each layer's input (b · hidden) is kept, plus one layer recomputed whole.
+    """
+    h, f, k, e = config.hidden_size, config.intermediate_size, config.num_experts_per_tok, config.num_local_experts
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    layer = dtype_bytes * (6 * h + 2 * kv) + dtype_bytes * k * (h + 4 * f) + 4 * e
+    layers = config.num_hidden_layers
+    kept = layers * dtype_bytes * h + layer if checkpointing else layers * layer
+    return tokens * (kept + dtype_bytes * h)  # + the final hidden states the fused loss head reads
+
+
+def alltoall_bytes(config, tokens: int, dtype_bytes: int, ep_size: int) -> float:
+    """AutoEP's dispatch and combine buffers for one MoE layer: each routed copy of a token (k per token) is
+    sent to its expert's rank and its output sent back: 2 · k · tokens · hidden elements (0 without EP)."""
+    if ep_size <= 1:
+        return 0.0
+    return 2.0 * config.num_experts_per_tok * tokens * config.hidden_size * dtype_bytes

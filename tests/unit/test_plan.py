@@ -1,0 +1,51 @@
+"""train/plan.py: the planner's table for Mixtral-8x7B full fine-tuning (bf16, AdamW) on 8 × 80 GB."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+from model.build import mixtral_config
+from model.memory import parameter_counts
+from train.config import compose
+from train.plan import plan
+
+
+def _rows(text):
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\d+ GPUs [^\d].*?)\s{2,}([\d.\s]+?)\s+(yes|no)$", line)
+        if m:
+            numbers = [float(x) for x in m.group(2).split()]
+            out[m.group(1).replace(" (recipe)", "")] = (numbers, m.group(3) == "yes")
+    return out
+
+
+def test_8x7b_full_fine_tuning_on_8_gpus():
+    from omegaconf import OmegaConf
+
+    cfg = compose("sft", ["recipe=mixtral_8x7b/sft", "model_path=null"])
+    text = plan(cfg, gpus=8, gpu_memory_gb=80, host_memory_gb=1024, nodes=1)
+    rows = _rows(text)
+    p = parameter_counts(mixtral_config(OmegaConf.to_container(cfg.model)))["total"]
+    weights, grads, optim = rows["8 GPUs ZeRO-3"][0][:3]
+    head = 2 * 32000 * 4096 / 1e9  # the LM head's gradient, whole in the forward
+    assert weights + grads + optim == pytest.approx(16 * p / 8 / 1e9 + head, rel=0.01)  # ~16 bytes per parameter
+    assert rows["8 GPUs ZeRO-3"][1] is False and rows["8 GPUs ZeRO-3 + EP 8"][1] is False  # ZeRO-3 alone: no
+    assert rows["8 GPUs ZeRO-3 + offload"][1] and rows["16 GPUs ZeRO-3"][1]  # offload, or twice the GPUs: yes
+    assert "does NOT fit 8 × 80 GB" in text and "16 GPUs ZeRO-3" in text.splitlines()[-1]
+    # activations: checkpointing keeps far less than the whole forward
+    ckpt, full = rows["8 GPUs ZeRO-3"][0][6:8]
+    assert 0 < ckpt < full / 5
+
+
+def test_command_line():
+    proc = subprocess.run([sys.executable, "train/plan.py", "recipe=tiny/sft", "gpus=2", "gpu_memory_gb=8"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 GPUs ZeRO-2 (recipe)" in proc.stdout and "the recipe's layout fits 2 × 8 GB" in proc.stdout
+    bad = subprocess.run([sys.executable, "train/plan.py", "recipe=tiny/sfft"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == "config error: recipe 'tiny/sfft' not found; did you mean tiny/sft?"
