@@ -134,3 +134,22 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def recipe_line(recipe: str, gpus: int, nodes: int, gpu_memory_gb: float = 80.0) -> str:
+    """The planner's line a recipe header quotes (tests/unit/test_plan.py keeps the headers in sync)."""
+    from train.config import compose
+
+    stage = Path(recipe).name.split("_")[0]
+    cfg = compose(stage, [f"recipe={recipe}", "model_path=null"])
+    zero = (cfg.deepspeed or {}).get("zero_optimization", {})
+    config, _ = model_config(cfg)
+    layout = Layout(world=gpus, zero_stage=int(zero.get("stage", 0)), ep_size=cfg.expert_parallel_size, dtype_bytes=2,
+                    optimizer=cfg.optim.name, lora=bool(cfg.lora.enabled), offload_optimizer=bool(zero.get("offload_optimizer")))
+    tokens = cfg.micro_batch_size * cfg.max_seq_len * (2 if stage == "dpo" else 1)
+    r = row(config, layout, tokens, bool(cfg.model.gradient_checkpointing))
+    fits = r["gpu"] <= 0.9 * gpu_memory_gb * GB
+    return (f"plan (python train/plan.py recipe={recipe} gpus={gpus} nodes={nodes}): {r['gpu'] / GB:.1f} GB per GPU "
+            f"(weights {r['weights'] / GB:.1f}, gradients {r['gradients'] / GB:.1f}, optimizer {r['optimizer'] / GB:.1f}, "
+            f"gathered {r['gathered'] / GB:.1f}, activations {r['act_ckpt' if cfg.model.gradient_checkpointing else 'act_full'] / GB:.1f}, "
+            f"all-to-all {r['a2a'] / GB:.1f}): {'fits' if fits else 'does NOT fit'} {gpu_memory_gb:g} GB")

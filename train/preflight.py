@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from model.memory import Layout, gib, parameter_counts, per_rank_bytes
+from model.memory import Layout, activation_bytes, alltoall_bytes, gib, parameter_counts, per_rank_bytes
 from train.config import ConfigError
 
 
@@ -63,13 +63,20 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
                           f"consecutive ranks, so they must fit within a node (divide {local_world}) or span whole "
                           f"nodes (a multiple of {local_world})")
     layout = layout_of(cfg, world, dtype)
-    need = per_rank_bytes(config, layout)
+    need = dict(per_rank_bytes(config, layout))
+    # the planner's per-rank figure (train/plan.py): the state above plus activations and AutoEP's buffers
+    tokens = cfg.micro_batch_size * cfg.max_seq_len * (2 if cfg.stage == "dpo" else 1)
+    extra = (activation_bytes(config, tokens, layout.dtype_bytes, bool(cfg.model.gradient_checkpointing))
+             + alltoall_bytes(config, tokens, layout.dtype_bytes, ep))
+    need["device"] += extra
+    need["total"] += extra
     total = parameter_counts(config)["total"]
-    what = (f"{source}: {total / 1e9:.2f}B parameters; ZeRO-{layout.zero_stage}, expert_parallel_size={ep}, "
+    size = f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M"
+    what = (f"{source}: {size} parameters; ZeRO-{layout.zero_stage}, expert_parallel_size={ep}, "
             f"{world} rank(s): one rank holds {gib(need['total'])} (weights {gib(need['weights'])}, gradients "
             f"{gib(need['gradients'])}, optimizer states and fp32 master {gib(need['optimizer'])}, "
             + (f"the step's flat gradient {gib(need['step'])}, " if need["step"] else "")
-            + f"gathered {gib(need['gathered'])})")
+            + f"gathered {gib(need['gathered'])}, activations and all-to-all {gib(extra)})")
     if not cfg.memory_check:
         return what
     if torch.cuda.is_available():
@@ -84,7 +91,8 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
         device_need = need["total"]
     if device_need > have:
         raise ConfigError(f"{what}, but a rank has {gib(have)} of {where}: use more ranks, deepspeed=zero3 with "
-                          f"expert_parallel_size>1, deepspeed=zero3_offload, lora.enabled=true, or memory_check=false")
+                          f"expert_parallel_size>1, deepspeed=zero3_offload, lora.enabled=true, or memory_check=false "
+                          f"(python train/plan.py recipe=... lists the layouts that fit)")
     return what
 
 

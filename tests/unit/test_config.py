@@ -19,8 +19,8 @@ DESIGN_KEYS = ["output_dir", "max_steps", "seed", "model_path", "model", "deepsp
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_composes_and_validates(recipe):
     stage = Path(recipe).name.split("_")[0]
-    cfg = compose(stage, [f"recipe={recipe}"])
-    validate(cfg)
+    cfg = compose(stage, [f"recipe={recipe}"] + (["model_path=org/sft-model"] if stage == "dpo" else []))
+    validate(cfg)  # DPO recipes take the SFT export on the command line (model_path is required)
     assert cfg.stage == stage
 
 

@@ -49,3 +49,17 @@ def test_command_line():
     bad = subprocess.run([sys.executable, "train/plan.py", "recipe=tiny/sfft"], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "config error: recipe 'tiny/sfft' not found; did you mean tiny/sft?"
+
+
+def test_recipe_headers_quote_the_planner():
+    """Each 8x7B recipe's header quotes train/plan.py for the hardware it names; a change to the planner or
+    the recipe that moves the figures fails here until the header is updated."""
+    from train.plan import recipe_line
+
+    for path in sorted((REPO / "recipes" / "mixtral_8x7b").glob("*.yaml")):
+        line = next((l[2:] for l in path.read_text().splitlines() if l.startswith("# plan (")), None)
+        assert line is not None, f"{path.name}: no '# plan (...)' line in the header"
+        m = re.match(r"plan \(python train/plan.py recipe=(\S+) gpus=(\d+) nodes=(\d+)\)", line)
+        assert m and m.group(1) == f"mixtral_8x7b/{path.stem}", line
+        assert line == recipe_line(m.group(1), int(m.group(2)), int(m.group(3))), path.name
+        assert line.endswith("fits 80 GB"), line
