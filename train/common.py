@@ -50,6 +50,7 @@ class Run:
     data_report: Any = None           # rank 0: the training data's DataReport (for the model card)
     final_metrics: dict = field(default_factory=dict)  # rank 0: the last metrics row
     t0: float = field(default_factory=lambda: console.STARTED)  # when the command started
+    resume_from: Path | None = None   # a universal checkpoint to resume from (the layout changed)
 
     @property
     def main(self) -> bool:
@@ -185,6 +186,7 @@ def build_engine(cfg, model, run: Run):
     import deepspeed
 
     ds = deepspeed_config(cfg, run.world, run.dtype, run.model_config)
+    prepare_elastic_resume(cfg, run, ds)
     if zero_stage(ds) == 3 and cfg.expert_parallel_size == 1:
         mark_moe_leaf_modules(model)
     made = []
@@ -274,6 +276,71 @@ def complete_checkpoints(ckpt: Path) -> list[Path]:
     return sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
 
 
+LAYOUT_FILE = "layout.json"
+LAYOUT_KEYS = ("world_size", "expert_parallel_size", "zero_stage")
+
+
+def layout_record(cfg, run: Run, ds: dict) -> dict:
+    """What a checkpoint's files depend on (saved beside them), and what must not change on resume."""
+    return {"world_size": run.world, "expert_parallel_size": cfg.expert_parallel_size, "zero_stage": zero_stage(ds),
+            "global_batch_size": cfg.global_batch_size, "lora": bool(cfg.lora.enabled)}
+
+
+def prepare_elastic_resume(cfg, run: Run, ds: dict) -> None:
+    """Before `deepspeed.initialize`: when `resume=true` finds a checkpoint written under another world size,
+    expert-parallel size or ZeRO stage, convert it once (rank 0) to DeepSpeed's universal format
+    (`deepspeed/checkpoint/ds_to_universal.py`: parameters and optimizer states per parameter, re-sliced on
+    load) under `checkpoints/universal/step_<n>`, and make the engine load that (`checkpoint.load_universal`).
+    The data position is a count of global batches, so the same `global_batch_size` continues at the same
+    sample whatever the new micro-batch split; a changed global batch or LoRA setting is refused."""
+    ckpt = checkpoint_dir(run)
+    tags = complete_checkpoints(ckpt) if cfg.resume and ckpt.is_dir() else []
+    if not tags or not (tags[-1] / LAYOUT_FILE).is_file():
+        return
+    saved, now = json.loads((tags[-1] / LAYOUT_FILE).read_text()), layout_record(cfg, run, ds)
+    if all(saved[k] == now[k] for k in LAYOUT_KEYS):
+        return
+    for key in ("global_batch_size", "lora"):
+        if saved[key] != now[key]:
+            _refuse(cfg, run, f"resume=true: {tags[-1]} was written with {key}={saved[key]}, this run has {now[key]}; "
+                              f"only the world size, expert_parallel_size and the ZeRO stage may change on resume")
+    if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
+        _refuse(cfg, run, f"resume=true on another layout (ZeRO-{saved['zero_stage']} → ZeRO-{now['zero_stage']}) needs "
+                          f"ZeRO >= 1 on both sides: DeepSpeed's universal checkpoints are made from and loaded into "
+                          f"ZeRO optimizers; use deepspeed=zero1 (one rank: the same as ZeRO-0)")
+    universal = ckpt / "universal" / tags[-1].name
+    if run.main and not (universal / "zero").is_dir():
+        import subprocess
+
+        shutil.rmtree(universal, ignore_errors=True)
+        universal.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tags[-1]),
+               "--output_folder", str(universal), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        with open(run.out / "build.log", "a") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode:
+            shutil.rmtree(universal, ignore_errors=True)
+            raise RuntimeError(f"converting {tags[-1]} to a universal checkpoint failed: {' '.join(cmd)} "
+                               f"(output in {run.out / 'build.log'})")
+        for f in tags[-1].glob("*.json"):
+            shutil.copy(f, universal / f.name)
+    run.barrier()
+    ds["checkpoint"] = {"load_universal": True}
+    run.resume_from = universal
+    run.print(f"[{cfg.stage}] resume: {tags[-1].name} was written on {saved['world_size']} rank(s), EP "
+              f"{saved['expert_parallel_size']}, ZeRO-{saved['zero_stage']}; this run has {now['world_size']}, EP "
+              f"{now['expert_parallel_size']}, ZeRO-{now['zero_stage']}: loading it through a universal checkpoint "
+              f"({universal})")
+
+
+def _refuse(cfg, run: Run, message: str) -> None:
+    if run.main:
+        print(f"[{cfg.stage}] config error: {message}", file=sys.stderr, flush=True)
+    faults.finished()
+    sys.exit(2)
+
+
 def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None) -> None:
     """Checkpoint `step_<n>`: DeepSpeed's files plus the data position (`client_state["step"]`) and every
     rank's RNG states. Atomic: everything is written under `.step_<n>.partial`; after a barrier (every
@@ -295,6 +362,9 @@ def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None)
     partial.mkdir(parents=True, exist_ok=True)
     torch.save(rng, partial / f"rng_rank{run.rank}.pt")
     engine.save_checkpoint(str(ckpt), tag=partial.name, client_state={"step": step, **(extra or {})}, save_latest=False)
+    if run.main:
+        stage = {"zero_optimization": {"stage": engine.zero_optimization_stage()}}
+        (partial / LAYOUT_FILE).write_text(json.dumps(layout_record(cfg, run, stage)))
     faults.kill_self_if("kill_in_save", step)  # tests: die with the files written but not yet published
     run.barrier()
     if run.main:
@@ -329,6 +399,15 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
         for debris in ckpt.glob(".step_*.partial"):
             run.print(f"[{cfg.stage}] removing {debris} (a checkpoint interrupted while being written)")
             shutil.rmtree(debris, ignore_errors=True)
+    if run.resume_from is not None:  # another layout: DeepSpeed re-slices the universal checkpoint
+        with safe_checkpoint_loading(engine):
+            path, client = engine.load_checkpoint(str(run.resume_from.parent), tag=run.resume_from.name)
+        if path is None:
+            raise RuntimeError(f"could not load the universal checkpoint {run.resume_from}")
+        step = int(client["step"])
+        run.print(f"[{cfg.stage}] resumed from {run.resume_from} at step {step} (random states start afresh "
+                  f"from seed {cfg.seed}: the old ranks' states do not map onto the new ones)")
+        return step, client
     with safe_checkpoint_loading(engine):
         path, client = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
