@@ -304,10 +304,21 @@ def prepare_elastic_resume(cfg, run: Run, ds: dict) -> None:
         if saved[key] != now[key]:
             _refuse(cfg, run, f"resume=true: {tags[-1]} was written with {key}={saved[key]}, this run has {now[key]}; "
                               f"only the world size, expert_parallel_size and the ZeRO stage may change on resume")
+    was = f"{saved['world_size']} rank(s), EP {saved['expert_parallel_size']}, ZeRO-{saved['zero_stage']}"
     if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
-        _refuse(cfg, run, f"resume=true on another layout (ZeRO-{saved['zero_stage']} → ZeRO-{now['zero_stage']}) needs "
-                          f"ZeRO >= 1 on both sides: DeepSpeed's universal checkpoints are made from and loaded into "
-                          f"ZeRO optimizers; use deepspeed=zero1 (one rank: the same as ZeRO-0)")
+        _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; another layout needs ZeRO >= 1 on both "
+                          f"sides (DeepSpeed's universal checkpoints come from and go into ZeRO optimizers): use "
+                          f"deepspeed=zero1 (on one rank the same as ZeRO-0)")
+    if (saved["zero_stage"] == 3) != (now["zero_stage"] == 3):
+        _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; DeepSpeed 0.19.8 writes ZeRO-3 universal "
+                          f"checkpoints in another format than ZeRO-1/2 reads, so the stage may change within 1-2 or "
+                          f"stay 3: use deepspeed=zero{saved['zero_stage'] if saved['zero_stage'] == 3 else 2}")
+    if saved["expert_parallel_size"] > 1 or now["expert_parallel_size"] > 1:
+        _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; with expert parallelism DeepSpeed 0.19.8's "
+                          f"universal checkpoint does not restore the experts' optimizer states exactly (a resumed run "
+                          f"drifts from the uninterrupted one after its first step), so resume on "
+                          f"{saved['world_size']} rank(s) with expert_parallel_size={saved['expert_parallel_size']} "
+                          f"and ZeRO-{saved['zero_stage']}")
     universal = ckpt / "universal" / tags[-1].name
     if run.main and not (universal / "zero").is_dir():
         import subprocess
@@ -400,8 +411,15 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
             run.print(f"[{cfg.stage}] removing {debris} (a checkpoint interrupted while being written)")
             shutil.rmtree(debris, ignore_errors=True)
     if run.resume_from is not None:  # another layout: DeepSpeed re-slices the universal checkpoint
+        # DeepSpeed 0.19.8's ZeRO-3 universal loader copies param group 0's hyperparameters onto every group
+        # (stage3.py load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay group would get weight
+        # decay. Each group's own settings are put back after the load.
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        own = [{k: g[k] for k in ("weight_decay", "name") if k in g} for g in inner.param_groups]
         with safe_checkpoint_loading(engine):
             path, client = engine.load_checkpoint(str(run.resume_from.parent), tag=run.resume_from.name)
+        for group, settings in zip(inner.param_groups, own):
+            group.update(settings)
         if path is None:
             raise RuntimeError(f"could not load the universal checkpoint {run.resume_from}")
         step = int(client["step"])
