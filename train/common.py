@@ -313,12 +313,13 @@ def prepare_elastic_resume(cfg, run: Run, ds: dict) -> None:
         _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; DeepSpeed 0.19.8 writes ZeRO-3 universal "
                           f"checkpoints in another format than ZeRO-1/2 reads, so the stage may change within 1-2 or "
                           f"stay 3: use deepspeed=zero{saved['zero_stage'] if saved['zero_stage'] == 3 else 2}")
-    if saved["expert_parallel_size"] > 1 or now["expert_parallel_size"] > 1:
-        _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; with expert parallelism DeepSpeed 0.19.8's "
-                          f"universal checkpoint does not restore the experts' optimizer states exactly (a resumed run "
-                          f"drifts from the uninterrupted one after its first step), so resume on "
-                          f"{saved['world_size']} rank(s) with expert_parallel_size={saved['expert_parallel_size']} "
-                          f"and ZeRO-{saved['zero_stage']}")
+    if (saved["expert_parallel_size"] > 1) != (now["expert_parallel_size"] > 1) or (
+            now["expert_parallel_size"] > 1 and now["zero_stage"] != 3):
+        _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; with expert parallelism a layout change "
+                          f"is supported under ZeRO-3 with expert parallelism on both sides (AutoEP names and slices "
+                          f"the experts differently from expert_parallel_size=1, and ZeRO-1/2 + EP was not verified): "
+                          f"resume on {saved['world_size']} rank(s) with expert_parallel_size="
+                          f"{saved['expert_parallel_size']} and ZeRO-{saved['zero_stage']}")
     universal = ckpt / "universal" / tags[-1].name
     if run.main and not (universal / "zero").is_dir():
         import subprocess
@@ -420,6 +421,13 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
             path, client = engine.load_checkpoint(str(run.resume_from.parent), tag=run.resume_from.name)
         for group, settings in zip(inner.param_groups, own):
             group.update(settings)
+        # ... and gives every ZeRO-3 sub-group the same `step` tensor object: a fused AdamW step then counts it
+        # once per sub-group, and bias correction goes wrong from the first step after the resume (seen under
+        # AutoEP, whose experts form sub-groups of their own). Each gets its own copy.
+        for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
+            state = inner.state.get(flat, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
         if path is None:
             raise RuntimeError(f"could not load the universal checkpoint {run.resume_from}")
         step = int(client["step"])
