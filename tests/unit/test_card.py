@@ -43,3 +43,24 @@ def test_card_of_a_preset_has_no_base(tmp_path):
     meta = front_matter(card)
     assert "base_model" not in meta and "datasets" not in meta
     assert "randomly initialised `tiny` preset" in card and "4.5 M parameters" in card
+
+
+def test_hub_push_without_network_is_one_line(tmp_path):
+    """hub.repo_id=...: offline (or no route to the Hub) the stage says so in one line and goes on."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    code = ("from pathlib import Path; from train.common import push_to_hub\n"
+            "class Run:\n    def print(self, *a): print(*a)\n"
+            f"push_to_hub(Path({str(tmp_path / 'hf')!r}), 'someone/mixtral-test', True, Run(), 'sft')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"[sft] hub: could not push {tmp_path / 'hf'} to someone/mixtral-test")
+    assert "the export is complete on disk" in lines[0]
