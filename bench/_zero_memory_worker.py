@@ -34,7 +34,7 @@ def main() -> None:
 
     overrides = sys.argv[1:]
     cfg = compose("sft", ["model=small", "max_seq_len=256", "global_batch_size=4", "micro_batch_size=2",
-                          "output_dir=/tmp/bench_zero_memory", "export=false", "router.aux_loss_coef=0", *overrides])
+                          "output_dir=/tmp/bench_zero_memory", "overwrite=true", "export=false", "router.aux_loss_coef=0", *overrides])
     run = common.start(cfg)
     gc.collect()
     before = live_tensor_bytes()
