@@ -20,11 +20,15 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # config.json from the cache, never a download (before any hub import)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 from model.memory import Layout, activation_bytes, alltoall_bytes, parameter_counts, per_rank_bytes  # noqa: E402
 from train.config import ConfigError  # noqa: E402
+from train.preflight import layout_of, tokens_per_micro_batch  # noqa: E402
+
+DTYPES = {2: torch.bfloat16, 4: torch.float32}
 
 GB = 1e9
 HARDWARE = {"gpus": 8, "gpu_memory_gb": 80.0, "host_memory_gb": 1024.0, "nodes": None}
@@ -59,14 +63,10 @@ def plan(cfg, gpus: int, gpu_memory_gb: float, host_memory_gb: float, nodes: int
     counts = parameter_counts(config)
     nodes = nodes or max(1, -(-gpus // 8))
     per_node = max(1, gpus // nodes)
-    tokens = cfg.micro_batch_size * cfg.max_seq_len * (2 if cfg.stage == "dpo" else 1)
+    tokens = tokens_per_micro_batch(cfg)
     ckpt = bool(cfg.model.gradient_checkpointing)
-    zero = (cfg.deepspeed or {}).get("zero_optimization", {})
     base = dict(dtype_bytes=dtype_bytes, optimizer=cfg.optim.name, lora=bool(cfg.lora.enabled))
-    recipe = Layout(world=gpus, zero_stage=int(zero.get("stage", 0)), ep_size=cfg.expert_parallel_size,
-                    offload_optimizer=bool(zero.get("offload_optimizer")), offload_params=bool(zero.get("offload_param")),
-                    **base)
-    layouts = [("recipe", recipe)]
+    layouts = [("recipe", layout_of(cfg, gpus, DTYPES[dtype_bytes]))]
     for world in (gpus, 2 * gpus):
         for stage in (2, 3):
             for ep in [e for e in (1, 2, 4, 8, 16) if config.num_local_experts % e == 0 and world % e == 0]:
@@ -105,6 +105,7 @@ def plan(cfg, gpus: int, gpu_memory_gb: float, host_memory_gb: float, nodes: int
 
 
 def main(argv: list[str]) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # config.json from the cache, never a download (before any hub import)
     from train.cli import compose_strict, fail, recipes
     from train.config import DPOStageConfig, PretrainConfig, SFTConfig
 
@@ -142,12 +143,8 @@ def recipe_line(recipe: str, gpus: int, nodes: int, gpu_memory_gb: float = 80.0)
 
     stage = Path(recipe).name.split("_")[0]
     cfg = compose(stage, [f"recipe={recipe}", "model_path=null"])
-    zero = (cfg.deepspeed or {}).get("zero_optimization", {})
     config, _ = model_config(cfg)
-    layout = Layout(world=gpus, zero_stage=int(zero.get("stage", 0)), ep_size=cfg.expert_parallel_size, dtype_bytes=2,
-                    optimizer=cfg.optim.name, lora=bool(cfg.lora.enabled), offload_optimizer=bool(zero.get("offload_optimizer")))
-    tokens = cfg.micro_batch_size * cfg.max_seq_len * (2 if stage == "dpo" else 1)
-    r = row(config, layout, tokens, bool(cfg.model.gradient_checkpointing))
+    r = row(config, layout_of(cfg, gpus, DTYPES[2]), tokens_per_micro_batch(cfg), bool(cfg.model.gradient_checkpointing))
     fits = r["gpu"] <= 0.9 * gpu_memory_gb * GB
     return (f"plan (python train/plan.py recipe={recipe} gpus={gpus} nodes={nodes}): {r['gpu'] / GB:.1f} GB per GPU "
             f"(weights {r['weights'] / GB:.1f}, gradients {r['gradients'] / GB:.1f}, optimizer {r['optimizer'] / GB:.1f}, "

@@ -38,6 +38,11 @@ def layout_of(cfg, world: int, dtype: torch.dtype) -> Layout:
                   offload_optimizer=bool(zero.get("offload_optimizer")), offload_params=bool(zero.get("offload_param")))
 
 
+def tokens_per_micro_batch(cfg) -> int:
+    """Tokens one rank runs forward at once (a DPO row holds the chosen and the rejected answer)."""
+    return cfg.micro_batch_size * cfg.max_seq_len * (2 if cfg.stage == "dpo" else 1)
+
+
 def model_config_of(cfg):
     """The MixtralConfig a stage trains: `model_path`'s config.json (only that file is read), or the preset."""
     from omegaconf import OmegaConf
@@ -65,7 +70,7 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
     layout = layout_of(cfg, world, dtype)
     need = dict(per_rank_bytes(config, layout))
     # the planner's per-rank figure (train/plan.py): the state above plus activations and AutoEP's buffers
-    tokens = cfg.micro_batch_size * cfg.max_seq_len * (2 if cfg.stage == "dpo" else 1)
+    tokens = tokens_per_micro_batch(cfg)
     extra = (activation_bytes(config, tokens, layout.dtype_bytes, bool(cfg.model.gradient_checkpointing))
              + alltoall_bytes(config, tokens, layout.dtype_bytes, ep))
     need["device"] += extra
