@@ -12,8 +12,13 @@ command line is composed exactly as Hydra will compose it and checked:
 
 Each prints one line on stderr from rank 0 only (every rank of a torchrun job exits), with exit code 2 and no
 traceback. The recipe's name is recorded in the config (`recipe_name`), so the saved config.yaml says which
-recipe ran. Under torchrun, the launcher itself adds its summary of a failed worker after the line; a
-one-process run (`python train/sft.py ...`) prints the line alone.
+recipe ran.
+
+Training stages also launch themselves: `python train/sft.py --nproc_per_node 2 recipe=...` (any of
+torchrun's flags before the overrides) checks the config once in this process, then starts the workers
+through torchrun's own launcher, and answers a failed worker with one line and that worker's exit
+status. (`torchrun train/sft.py ...` runs the same job; when a worker fails, torchrun adds its own
+summary of the failure after our line and exits with status 1.)
 """
 
 from __future__ import annotations
@@ -131,6 +136,50 @@ def _overrides(argv: list[str]) -> list[str] | None:
     return list(argv)
 
 
+LAUNCH_FLAGS = {"--nproc_per_node", "--nproc-per-node", "--nnodes", "--node_rank", "--node-rank", "--master_addr",
+                "--master-addr", "--master_port", "--master-port", "--rdzv_backend", "--rdzv-backend", "--rdzv_endpoint",
+                "--rdzv-endpoint", "--rdzv_id", "--rdzv-id", "--max_restarts", "--max-restarts", "--standalone"}
+
+
+def _launch_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun flags, the rest) of a command line such as `--nproc_per_node 2 recipe=tiny/sft`."""
+    flags, rest, i = [], [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            takes_value = name != "--standalone" and "=" not in argv[i]
+            flags += argv[i:i + 1 + takes_value]
+            i += 1 + takes_value
+        else:
+            rest.append(argv[i])
+            i += 1
+    return flags, rest
+
+
+def launch(script: str, flags: list[str], overrides: list[str]) -> None:
+    """Run `script overrides` on torchrun's launcher in this process; exit with the first failed worker's
+    status (a config error, status 2, was already printed by the worker: nothing is added)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    for name in ("torch.distributed.elastic", "torch.distributed.run"):  # its banners and failure report: ours is below
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args([*flags, script, *overrides])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        status = failure.exitcode if failure.exitcode > 0 else 1
+        if status != 2:
+            how = f"status {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"
+            print(f"{Path(script).name}: rank {rank} ended with {how}; its messages are above", file=sys.stderr,
+                  flush=True)
+        sys.exit(status)
+    sys.exit(0)
+
+
 def fail(message: str) -> None:
     """Print `config error: message` once (rank 0 of a distributed job) and exit with status 2."""
     if os.environ.get("RANK", "0") == "0":
@@ -156,7 +205,8 @@ def main(config_name: str, schema, check=None):
         @functools.wraps(fn)
         def run():
             console.setup()
-            overrides = _overrides(sys.argv[1:])
+            flags, argv = _launch_flags(sys.argv[1:])
+            overrides = _overrides(argv)
             if overrides is not None:
                 try:
                     cfg = compose_strict(config_name, overrides, schema)
@@ -164,6 +214,9 @@ def main(config_name: str, schema, check=None):
                         check(cfg)
                 except ConfigError as e:
                     fail(str(e))
+            if flags and "LOCAL_RANK" not in os.environ:
+                launch(sys.argv[0], flags, argv)
+            sys.argv[1:] = argv
             return hydra_main(with_recipe)()
 
         return run

@@ -29,7 +29,7 @@ from model.distributed import batch_arithmetic, deepspeed_config, fp32_master_sh
 from model.head import install_loss_head
 from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.router import router_statistics
-from train import console, faults, preflight
+from train import console, elastic, faults, preflight
 from train.config import ConfigError, check_output_dir, start_afresh, validate
 from train.memory_log import PhaseMemory, set_mmap_threshold
 
@@ -50,7 +50,7 @@ class Run:
     data_report: Any = None           # rank 0: the training data's DataReport (for the model card)
     final_metrics: dict = field(default_factory=dict)  # rank 0: the last metrics row
     t0: float = field(default_factory=lambda: console.STARTED)  # when the command started
-    resume_from: Path | None = None   # a universal checkpoint to resume from (the layout changed)
+    resume_from: Path | None = None   # a portable checkpoint to resume from (the layout changed)
 
     @property
     def main(self) -> bool:
@@ -276,74 +276,13 @@ def complete_checkpoints(ckpt: Path) -> list[Path]:
     return sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
 
 
-LAYOUT_FILE = "layout.json"
-LAYOUT_KEYS = ("world_size", "expert_parallel_size", "zero_stage")
-
-
-def layout_record(cfg, run: Run, ds: dict) -> dict:
-    """What a checkpoint's files depend on (saved beside them), and what must not change on resume."""
-    return {"world_size": run.world, "expert_parallel_size": cfg.expert_parallel_size, "zero_stage": zero_stage(ds),
-            "global_batch_size": cfg.global_batch_size, "lora": bool(cfg.lora.enabled)}
-
-
 def prepare_elastic_resume(cfg, run: Run, ds: dict) -> None:
     """Before `deepspeed.initialize`: when `resume=true` finds a checkpoint written under another world size,
-    expert-parallel size or ZeRO stage, convert it once (rank 0) to DeepSpeed's universal format
-    (`deepspeed/checkpoint/ds_to_universal.py`: parameters and optimizer states per parameter, re-sliced on
-    load) under `checkpoints/universal/step_<n>`, and make the engine load that (`checkpoint.load_universal`).
-    The data position is a count of global batches, so the same `global_batch_size` continues at the same
-    sample whatever the new micro-batch split; a changed global batch or LoRA setting is refused."""
+    expert-parallel size or ZeRO stage, convert it to a portable checkpoint (train/elastic.py) that
+    `maybe_resume` loads into the new engine. A changed global batch or LoRA setting is refused."""
     ckpt = checkpoint_dir(run)
     tags = complete_checkpoints(ckpt) if cfg.resume and ckpt.is_dir() else []
-    if not tags or not (tags[-1] / LAYOUT_FILE).is_file():
-        return
-    saved, now = json.loads((tags[-1] / LAYOUT_FILE).read_text()), layout_record(cfg, run, ds)
-    if all(saved[k] == now[k] for k in LAYOUT_KEYS):
-        return
-    for key in ("global_batch_size", "lora"):
-        if saved[key] != now[key]:
-            _refuse(cfg, run, f"resume=true: {tags[-1]} was written with {key}={saved[key]}, this run has {now[key]}; "
-                              f"only the world size, expert_parallel_size and the ZeRO stage may change on resume")
-    was = f"{saved['world_size']} rank(s), EP {saved['expert_parallel_size']}, ZeRO-{saved['zero_stage']}"
-    if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
-        _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; another layout needs ZeRO >= 1 on both "
-                          f"sides (DeepSpeed's universal checkpoints come from and go into ZeRO optimizers): use "
-                          f"deepspeed=zero1 (on one rank the same as ZeRO-0)")
-    if (saved["zero_stage"] == 3) != (now["zero_stage"] == 3):
-        _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; DeepSpeed 0.19.8 writes ZeRO-3 universal "
-                          f"checkpoints in another format than ZeRO-1/2 reads, so the stage may change within 1-2 or "
-                          f"stay 3: use deepspeed=zero{saved['zero_stage'] if saved['zero_stage'] == 3 else 2}")
-    if (saved["expert_parallel_size"] > 1) != (now["expert_parallel_size"] > 1) or (
-            now["expert_parallel_size"] > 1 and now["zero_stage"] != 3):
-        _refuse(cfg, run, f"resume=true: {tags[-1]} was written on {was}; with expert parallelism a layout change "
-                          f"is supported under ZeRO-3 with expert parallelism on both sides (AutoEP names and slices "
-                          f"the experts differently from expert_parallel_size=1, and ZeRO-1/2 + EP was not verified): "
-                          f"resume on {saved['world_size']} rank(s) with expert_parallel_size="
-                          f"{saved['expert_parallel_size']} and ZeRO-{saved['zero_stage']}")
-    universal = ckpt / "universal" / tags[-1].name
-    if run.main and not (universal / "zero").is_dir():
-        import subprocess
-
-        shutil.rmtree(universal, ignore_errors=True)
-        universal.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tags[-1]),
-               "--output_folder", str(universal), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        with open(run.out / "build.log", "a") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode:
-            shutil.rmtree(universal, ignore_errors=True)
-            raise RuntimeError(f"converting {tags[-1]} to a universal checkpoint failed: {' '.join(cmd)} "
-                               f"(output in {run.out / 'build.log'})")
-        for f in tags[-1].glob("*.json"):
-            shutil.copy(f, universal / f.name)
-    run.barrier()
-    ds["checkpoint"] = {"load_universal": True}
-    run.resume_from = universal
-    run.print(f"[{cfg.stage}] resume: {tags[-1].name} was written on {saved['world_size']} rank(s), EP "
-              f"{saved['expert_parallel_size']}, ZeRO-{saved['zero_stage']}; this run has {now['world_size']}, EP "
-              f"{now['expert_parallel_size']}, ZeRO-{now['zero_stage']}: loading it through a universal checkpoint "
-              f"({universal})")
+    run.resume_from = elastic.prepare(cfg, run, ds, ckpt, tags, lambda message: _refuse(cfg, run, message))
 
 
 def _refuse(cfg, run: Run, message: str) -> None:
@@ -375,8 +314,7 @@ def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None)
     torch.save(rng, partial / f"rng_rank{run.rank}.pt")
     engine.save_checkpoint(str(ckpt), tag=partial.name, client_state={"step": step, **(extra or {})}, save_latest=False)
     if run.main:
-        stage = {"zero_optimization": {"stage": engine.zero_optimization_stage()}}
-        (partial / LAYOUT_FILE).write_text(json.dumps(layout_record(cfg, run, stage)))
+        (partial / elastic.LAYOUT_FILE).write_text(json.dumps(elastic.checkpoint_record(engine, cfg, run.world, step)))
     faults.kill_self_if("kill_in_save", step)  # tests: die with the files written but not yet published
     run.barrier()
     if run.main:
@@ -411,29 +349,12 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
         for debris in ckpt.glob(".step_*.partial"):
             run.print(f"[{cfg.stage}] removing {debris} (a checkpoint interrupted while being written)")
             shutil.rmtree(debris, ignore_errors=True)
-    if run.resume_from is not None:  # another layout: DeepSpeed re-slices the universal checkpoint
-        # DeepSpeed 0.19.8's ZeRO-3 universal loader copies param group 0's hyperparameters onto every group
-        # (stage3.py load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay group would get weight
-        # decay. Each group's own settings are put back after the load.
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        own = [{k: g[k] for k in ("weight_decay", "name") if k in g} for g in inner.param_groups]
-        with safe_checkpoint_loading(engine):
-            path, client = engine.load_checkpoint(str(run.resume_from.parent), tag=run.resume_from.name)
-        for group, settings in zip(inner.param_groups, own):
-            group.update(settings)
-        # ... and gives every ZeRO-3 sub-group the same `step` tensor object: a fused AdamW step then counts it
-        # once per sub-group, and bias correction goes wrong from the first step after the resume (seen under
-        # AutoEP, whose experts form sub-groups of their own). Each gets its own copy.
-        for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
-            state = inner.state.get(flat, {})
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-        if path is None:
-            raise RuntimeError(f"could not load the universal checkpoint {run.resume_from}")
-        step = int(client["step"])
+    if run.resume_from is not None:  # another layout: the portable checkpoint, re-sliced for this one
+        p = placement(cfg, run)
+        step = elastic.load_portable(engine, run.resume_from, run.model_config, p.ep_size, p.ep_rank)["step"]
         run.print(f"[{cfg.stage}] resumed from {run.resume_from} at step {step} (random states start afresh "
                   f"from seed {cfg.seed}: the old ranks' states do not map onto the new ones)")
-        return step, client
+        return step, {"step": step}
     with safe_checkpoint_loading(engine):
         path, client = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
@@ -465,7 +386,7 @@ def safe_checkpoint_loading(engine):
     original = ce.load
 
     def load(path, map_location=None):
-        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
 
     ce.load = load
@@ -475,7 +396,7 @@ def safe_checkpoint_loading(engine):
         ce.load = original
 
 
-def _deepspeed_checkpoint_globals() -> list:
+def deepspeed_checkpoint_globals() -> list:
     """The non-tensor classes DeepSpeed 0.19's ZeRO 0-3 / MoE checkpoints pickle (found by loading
     every file of each kind of checkpoint with weights_only=True; tests/distributed resume them all)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
