@@ -52,7 +52,7 @@ LAYOUTS = {  # name: (overrides, goal as a ratio of the model's bytes, or None)
     "ZeRO-2 + EP 4, SGD": (["deepspeed=zero2", "expert_parallel_size=4", "optim.name=sgd"], None),
 }
 COMMON = ["recipe=tiny/sft", "max_steps=1", "model.gradient_checkpointing=true", "micro_batch_size=1", "max_seq_len=64", "data.synthetic_samples=32",
-          "export=false", "router.aux_loss_coef=0", "logging=none", "memory_check=false"]
+          "export=false", "router.aux_loss_coef=0", "logging=none", "plan.enforce=false"]
 
 
 def save_big_model(folder: Path, hidden: int, ffn: int, layers: int):

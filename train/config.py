@@ -103,6 +103,11 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    enforce: bool = True              # refuse, before loading, a layout train/plan.py says does not fit a rank's memory
+
+
+@dataclass
 class HubConfig:
     repo_id: Optional[str] = None     # push the export (hf/) to this Hugging Face Hub repository when set
     private: bool = True
@@ -157,7 +162,7 @@ class StageConfig:
     verify_export: bool = True        # compare the export's logits with the live model's on a probe batch
     dist_timeout_s: int = 300         # collective timeout, and how long a silent peer rank is waited for
     max_bad_steps: int = 5            # stop (after a checkpoint) when this many steps in a row are non-finite
-    memory_check: bool = True         # refuse a layout whose weights + gradients + optimizer states exceed a rank's memory
+    plan: PlanConfig = field(default_factory=PlanConfig)
     overwrite: bool = False           # start afresh in a non-empty output_dir (its tokenization cache is kept)
     hub: HubConfig = field(default_factory=HubConfig)
     recipe_name: Optional[str] = None  # set from the command line's recipe= (recorded in config.yaml)

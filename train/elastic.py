@@ -260,6 +260,9 @@ def prepare(cfg, run, ds: dict, ckpt: Path, tags: list[Path], refuse) -> Path | 
     for key in changed(saved, now):
         refuse(f"resume=true: {tags[-1]} was written with {key}={saved[key]}, this run has {now[key]}; only the "
                f"world size, expert_parallel_size and the ZeRO stage may change on resume")
+    if "optimizer_steps" not in saved:
+        refuse(f"resume=true: {tags[-1]} was written on {describe(saved)} by a version that did not record its "
+               f"optimizer's step count; resume it on that layout")
     portable = portable_dir(ckpt, tags[-1])
     if run.main and not (portable / LAYOUT_FILE).is_file():
         write_portable(tags[-1], portable, run.out / "build.log")

@@ -7,7 +7,7 @@
     so expert_parallel_size must divide the ranks per node, or be a multiple of it,
   * the weights, gradients and optimizer states one rank must hold (`model.memory.per_rank_bytes`,
     activations not even counted) exceed the memory one rank has: the GPU's memory, or on CPU the host's
-    available memory shared by the node's ranks. `memory_check=false` turns this one off.
+    available memory shared by the node's ranks. `plan.enforce=false` turns this one off.
 """
 
 from __future__ import annotations
@@ -82,21 +82,21 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
             f"{gib(need['gradients'])}, optimizer states and fp32 master {gib(need['optimizer'])}, "
             + (f"the step's flat gradient {gib(need['step'])}, " if need["step"] else "")
             + f"gathered {gib(need['gathered'])}, activations and all-to-all {gib(extra)})")
-    if not cfg.memory_check:
+    if not cfg.plan.enforce:
         return what
     if torch.cuda.is_available():
         have, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU"
         host_need, host_have = need["host"], host_bytes_per_rank(local_world)
         if host_need > host_have:
             raise ConfigError(f"{what}, of which {gib(host_need)} offloaded to host memory, but a rank has "
-                              f"{gib(host_have)} of host memory: use more nodes, or memory_check=false")
+                              f"{gib(host_have)} of host memory: use more nodes, or plan.enforce=false")
         device_need = need["device"]
     else:
         have, where = host_bytes_per_rank(local_world), "host memory (CPU run)"
         device_need = need["total"]
     if device_need > have:
         raise ConfigError(f"{what}, but a rank has {gib(have)} of {where}: use more ranks, deepspeed=zero3 with "
-                          f"expert_parallel_size>1, deepspeed=zero3_offload, lora.enabled=true, or memory_check=false "
+                          f"expert_parallel_size>1, deepspeed=zero3_offload, lora.enabled=true, or plan.enforce=false "
                           f"(python train/plan.py recipe=... lists the layouts that fit)")
     return what
 

@@ -52,14 +52,16 @@ def test_command_line():
 
 
 def test_recipe_headers_quote_the_planner():
-    """Each 8x7B recipe's header quotes train/plan.py for the hardware it names; a change to the planner or
+    """Each 8x7B (and the 8x22B LoRA) recipe's header quotes train/plan.py for the hardware it names; a change to the planner or
     the recipe that moves the figures fails here until the header is updated."""
     from train.plan import recipe_line
 
-    for path in sorted((REPO / "recipes" / "mixtral_8x7b").glob("*.yaml")):
+    paths = sorted((REPO / "recipes").glob("mixtral_8x*b/*.yaml"))
+    assert any(p.parent.name == "mixtral_8x22b" for p in paths)
+    for path in paths:
         line = next((l[2:] for l in path.read_text().splitlines() if l.startswith("# plan (")), None)
         assert line is not None, f"{path.name}: no '# plan (...)' line in the header"
         m = re.match(r"plan \(python train/plan.py recipe=(\S+) gpus=(\d+) nodes=(\d+)\)", line)
-        assert m and m.group(1) == f"mixtral_8x7b/{path.stem}", line
+        assert m and m.group(1) == f"{path.parent.name}/{path.stem}", line
         assert line == recipe_line(m.group(1), int(m.group(2)), int(m.group(3))), path.name
         assert line.endswith("fits 80 GB"), line

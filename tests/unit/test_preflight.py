@@ -45,8 +45,8 @@ def test_a_model_that_cannot_fit_is_refused_with_the_numbers(tmp_path):
     with pytest.raises(ConfigError) as err:
         preflight.check(cfg, world=2, local_world=2, dtype=torch.bfloat16)
     msg = str(err.value)
-    assert "46.70B parameters" in msg and "ZeRO-3" in msg and "memory_check=false" in msg and "GiB" in msg
-    ok = compose("sft", ["recipe=tiny/sft", f"model_path={tmp_path}", "deepspeed=zero3", "memory_check=false"])
+    assert "46.70B parameters" in msg and "ZeRO-3" in msg and "plan.enforce=false" in msg and "GiB" in msg
+    ok = compose("sft", ["recipe=tiny/sft", f"model_path={tmp_path}", "deepspeed=zero3", "plan.enforce=false"])
     assert "46.70B parameters" in preflight.check(ok, world=2, local_world=2, dtype=torch.bfloat16)
 
 
