@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set since the last reset (VmHWM), 0 where /proc is absent."""
+def peak_rss_bytes(field: str = "VmHWM") -> int:
+    """This process's peak resident set since the last reset (VmHWM; `field="VmRSS"`: the current one), 0
+    where /proc is absent."""
     try:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+        return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
     except (OSError, AttributeError):
         return 0
 
@@ -59,18 +60,20 @@ class PhaseMemory:
         self.begin()
 
     def begin(self) -> None:
+        self.start_rss = peak_rss_bytes("VmRSS")  # the phase's baseline (train/plan.py's figures sit above it)
         reset_peak_rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def end(self, phase: str) -> dict:
-        mine = {"rss": peak_rss_bytes(),
+        mine = {"rss": peak_rss_bytes(), "start": self.start_rss,
                 "device": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
         every = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
             every = [None] * dist.get_world_size()
             dist.all_gather_object(every, mine)
-        record = {"peak_rss_bytes": [m["rss"] for m in every], "peak_device_bytes": [m["device"] for m in every]}
+        record = {"peak_rss_bytes": [m["rss"] for m in every], "peak_device_bytes": [m["device"] for m in every],
+                  "start_rss_bytes": [m["start"] for m in every]}
         self.phases[phase] = record
         rss = record["peak_rss_bytes"]
         line = (f"[{self.stage}] memory, {phase}: peak RSS per rank "
