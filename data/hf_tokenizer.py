@@ -22,9 +22,10 @@ differs on runs of spaces ("  two" → sentencepiece [▁▁, ▁two]; a Metaspa
 
 The chat template renders "<s>[INST] {system}\\n\\n{user} [/INST] {assistant}</s>[INST] ..." — each message
 is a separate piece of text in data/chat.py, and the pre-tokenizer's word boundaries at "▁" plus the
-control tokens' boundaries make the rendered string tokenize to the same ids. One difference is inherent to
-every HF tokenizer: the literal strings "<s>", "</s>" and "<unk>" inside a text become control tokens
-there, while sentencepiece and mistral_common encode them as text.
+control tokens' boundaries make the rendered string tokenize to the same ids. The literal strings "<s>",
+"</s>" and "<unk>" inside a text are control tokens to an HF tokenizer unless it is called with
+`split_special_tokens=True` (then they are text, as sentencepiece and mistral_common encode them); a chat
+template needs them as control tokens, so inside a message they stay so (as in mistralai's own files).
 """
 
 from __future__ import annotations

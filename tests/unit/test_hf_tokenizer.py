@@ -52,6 +52,16 @@ def test_any_text_tokenizes_as_sentencepiece_with_bos(hf, tokenizer):
     assert hf.decode(hf("héllo  数字\n").input_ids, skip_special_tokens=True) == "héllo  数字\n"
 
 
+def test_control_token_strings_in_text_with_split_special_tokens(hf, tokenizer):
+    """`<s>`, `</s>`, `<unk>` typed in a text: with `split_special_tokens=True` the export's tokenizer encodes
+    them as text, as sentencepiece and mistral_common do (BOS still added); without it they are control
+    tokens, as in every HF tokenizer (the chat template relies on that)."""
+    texts = [t for t in TEXTS if t not in PLAIN] + ["a <s> b </s> <unk> c", "<s>[INST] hi [/INST]</s>", "</s>", "x<s>y"]
+    for t in texts:
+        assert hf(t, split_special_tokens=True).input_ids == [tokenizer.bos_id] + tokenizer.encode(t), t
+    assert hf("a </s>").input_ids[-1] == tokenizer.eos_id
+
+
 def _plain(convs):
     return [m for m in convs if all("<s>" not in x["content"] and "</s>" not in x["content"] for x in m)]
 
