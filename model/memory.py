@@ -4,8 +4,9 @@ For a Mixtral with P parameters, of which P_e sit in the experts and P_d = P −
 N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO stage s, one rank holds
 
     weights     s < 3: P_d + P_e/ep                     s = 3: (P_d + P_e)/N
-    gradients   s < 2: T_d + T_e/ep                     s ≥ 2: (T_d + T_e)/N + V·hidden (the LM head's
-                gradient, computed whole in the forward by the fused loss, until it is reduced)
+    gradients   s < 2: T_d + T_e/ep                     s ≥ 2: (T_d + T_e)/N
+                plus the LM head's gradient, which the fused loss computes whole in the forward and keeps
+                for the backward: V·hidden in fp32 (and its 16-bit cast for bf16/fp16), until it is reduced
     optimizer   s = 0: T_d + T_e/ep                     s ≥ 1: (T_d + T_e)/N      (× state bytes)
     step        s = 1, 2: the largest optimizer group's gradient partition once more (max(T_d, T_e)/N under
                 EP, (T_d + T_e)/N without): DeepSpeed's step flattens each group's gradients into a new
@@ -13,7 +14,8 @@ N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO s
     gathered    s = 3: the largest set of parameters gathered at once: two decoder layers without EP (the
                 current and the prefetched next one: `stage3_max_live_parameters`, model/distributed.py),
                 one under EP, each with its dense weights and E/ep experts; under EP at least one layer's
-                experts whole (3·E·hidden·ffn), which AutoEP gathers once while converting the layer
+                experts whole (3·E·hidden·ffn), which AutoEP gathers once while converting the layer; and
+                at least the embedding or LM head (V·hidden), each gathered whole
 
 where T are the trainable parameters (all of them, or the LoRA adapters: then T ≈ 0 next to P).
 Bytes: weights and gradients in the training dtype (2 for bf16, 4 for fp32); optimizer state per
@@ -59,9 +61,11 @@ def parameter_counts(config) -> dict:
             "layer_experts": layer_experts, "layer_dense": layer_dense}
 
 
-def per_rank_bytes(config, layout: Layout) -> dict:
+def per_rank_bytes(config, layout: Layout, checkpointing: bool = True) -> dict:
     """Bytes one rank holds for weights, gradients, optimizer states and ZeRO-3 gathers (formulas above).
-    Offloaded parts are counted under `host` instead of `device`."""
+    Offloaded parts are counted under `host` instead of `device`. Without gradient checkpointing a ZeRO-3
+    rank keeps every layer's gathered weights from its forward to its backward (autograd saves views of
+    them): all decoder layers, with E/ep experts each, instead of two."""
     c = parameter_counts(config)
     n, s, ep, b = layout.world, layout.zero_stage, layout.ep_size, layout.dtype_bytes
     local = c["dense"] + c["experts"] / ep           # what a rank owns without ZeRO sharding
@@ -69,8 +73,9 @@ def per_rank_bytes(config, layout: Layout) -> dict:
     trainable = 0.0 if layout.lora else 1.0           # adapters are small next to the base
     weights = (shard if s == 3 else local) * b
     grads = (shard if s >= 2 else local) * b * trainable
-    if s >= 2 and not layout.lora:  # the LM head's gradient, which the fused loss computes in the forward,
-        grads += config.vocab_size * config.hidden_size * b  # lives whole until its first reduction
+    head = config.vocab_size * config.hidden_size
+    if not layout.lora:  # the fused loss (model/losses.py) computes the LM head's gradient whole in the forward,
+        grads += head * (4 + (b if b < 4 else 0))  # in fp32 (+ its 16-bit cast), beside the partitioned buffers
     # an fp32 master copy of the partition: bf16/fp16, and fp32 under ZeRO-1/2 (not ZeRO-3: see above)
     state = (8 if layout.optimizer == "adamw" else 0) + (4 if b < 4 or s in (1, 2) else 0)
     optim = (shard if s >= 1 else local) * state * trainable
@@ -83,6 +88,9 @@ def per_rank_bytes(config, layout: Layout) -> dict:
         gathered = (2 if ep == 1 else 1) * (c["layer_experts"] / ep + c["layer_dense"]) * b
         if ep > 1:  # AutoEP gathers each layer's experts whole once, while converting it
             gathered = max(gathered, c["layer_experts"] * b)
+        if not checkpointing:
+            gathered = max(gathered, config.num_hidden_layers * (c["layer_experts"] / ep + c["layer_dense"]) * b)
+        gathered = max(gathered, head * b)  # the embedding and the LM head are gathered whole
     out = {"weights": weights, "gradients": grads, "optimizer": optim, "step": step, "gathered": gathered}
     out["host"] = (optim if layout.offload_optimizer else 0.0) + (weights if layout.offload_params else 0.0)
     out["device"] = weights + grads + optim + step + gathered - out["host"]
@@ -102,6 +110,9 @@ def activation_bytes(config, tokens: int, dtype_bytes: int, checkpointing: bool)
         attention   b · (6·hidden + 2·kv)                 norm output, q, k, v, attention output, residual
         MoE         b · k · (hidden + 4·f) + 4 · E         each routed copy: input, gate, up, act(gate)·up; fp32 router logits
     With gradient checkpointing only each layer's input (b · hidden) is kept, plus one layer recomputed whole.
+    Plus the fused loss head (model/losses.py): the final hidden states and their gradient (2 · b · hidden per
+    token), and one chunk of ~4M logits in fp32 with its softmax (2 · 4 · chunk · V; + b · chunk · V for the
+    gradient cast to a 16-bit dtype).
     """
     h, f, k, e = config.hidden_size, config.intermediate_size, config.num_experts_per_tok, config.num_local_experts
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
@@ -109,7 +120,9 @@ def activation_bytes(config, tokens: int, dtype_bytes: int, checkpointing: bool)
     layer = dtype_bytes * (6 * h + 2 * kv) + dtype_bytes * k * (h + 4 * f) + 4 * e
     layers = config.num_hidden_layers
     kept = layers * dtype_bytes * h + layer if checkpointing else layers * layer
-    return tokens * (kept + dtype_bytes * h)  # + the final hidden states the fused loss head reads
+    chunk_logits = max(16, (1 << 22) // config.vocab_size) * config.vocab_size
+    head = tokens * 2 * dtype_bytes * h + chunk_logits * (8 + (dtype_bytes if dtype_bytes < 4 else 0))
+    return tokens * kept + head
 
 
 def alltoall_bytes(config, tokens: int, dtype_bytes: int, ep_size: int) -> float:

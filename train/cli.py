@@ -170,7 +170,8 @@ def launch(script: str, flags: list[str], overrides: list[str]) -> None:
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank = min(e.failures)  # (every rank may have failed the same way: name the first)
+        failure = e.failures[rank]
         status = failure.exitcode if failure.exitcode > 0 else 1
         if status != 2:
             how = f"status {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"

@@ -409,6 +409,8 @@ def deepspeed_checkpoint_globals() -> list:
 def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
     """Teardown of every stage: final checkpoint, HF export (with LoRA: the PEFT adapter folder and
     merged weights), and the check that the export's logits equal the live model's."""
+    if "first_step" in run.memory.phases:
+        run.memory.end("later_steps")  # the steady state: the optimizer's states exist from the first step on
     if cfg.checkpoint_every:
         save_checkpoint(engine, cfg, run, step)
     if cfg.export:

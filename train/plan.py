@@ -51,7 +51,7 @@ def model_config(cfg):
 
 
 def row(config, layout: Layout, tokens: int, checkpointing: bool) -> dict:
-    b = per_rank_bytes(config, layout)
+    b = per_rank_bytes(config, layout, checkpointing)
     act = {c: activation_bytes(config, tokens, layout.dtype_bytes, c) for c in (True, False)}
     a2a = alltoall_bytes(config, tokens, layout.dtype_bytes, layout.ep_size)
     gpu = b["device"] + a2a + act[checkpointing]

@@ -68,7 +68,7 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
                           f"consecutive ranks, so they must fit within a node (divide {local_world}) or span whole "
                           f"nodes (a multiple of {local_world})")
     layout = layout_of(cfg, world, dtype)
-    need = dict(per_rank_bytes(config, layout))
+    need = dict(per_rank_bytes(config, layout, bool(cfg.model.gradient_checkpointing)))
     # the planner's per-rank figure (train/plan.py): the state above plus activations and AutoEP's buffers
     tokens = tokens_per_micro_batch(cfg)
     extra = (activation_bytes(config, tokens, layout.dtype_bytes, bool(cfg.model.gradient_checkpointing))
