@@ -1,25 +1,29 @@
 """The planner (train/plan.py) against measured peak memory: per rank, above a baseline.
 
-    python bench/plan_accuracy.py                  # every case below (~6 min on 2 cores)
+    python bench/plan_accuracy.py                  # every case below (~15 min on 2 cores)
     python bench/plan_accuracy.py --only "small SFT ZeRO-0"        # one case
 
-Each case runs 3 optimizer steps of a stage from scratch (`torchrun`, OMP_NUM_THREADS=1 per rank). Every
-stage records, per rank and phase, its peak RSS and the RSS the phase started from (memory.json). Then
+Each case runs 3 optimizer steps of a stage from scratch on the `small` preset (`torchrun`,
+OMP_NUM_THREADS=1 per rank), and the same command on the `tiny` preset as its baseline. Every stage
+records, per rank and phase, its peak RSS and the RSS the phase started from (memory.json), so
 
-    measured = max over ranks of ( max(peak RSS of the engine, first-step and later-steps phases)
-                                   − RSS when loading began )
-    planned  = the planner's per-rank total for that stage, preset, layout, micro-batch and sequence length:
-               weights + gradients + optimizer + ZeRO-1/2 step buffer + ZeRO-3 gathers + activations
-               (with or without gradient checkpointing, as configured) + AutoEP all-to-all
-               (train/plan.py `row`, formulas in model/memory.py)
+    peak(run)  = max over ranks of ( max(peak RSS of the engine, first-step and later-steps phases)
+                                     − RSS when loading began )
+    measured   = peak(small) − peak(tiny)
+    planned    = plan(small) − plan(tiny), plan = the planner's per-rank total for that stage, preset,
+                 layout, micro-batch and sequence length: weights + gradients + optimizer + ZeRO-1/2 step
+                 buffer + ZeRO-3 gathers + activations (with or without gradient checkpointing, as
+                 configured) + the loss head's workspace + AutoEP all-to-all (train/plan.py `row`,
+                 formulas in model/memory.py)
 
-and the table shows planned / measured. The planner counts bytes allocated (on a GPU,
+The tiny run carries what a layout costs whatever the model (DeepSpeed's engine and its threads, the
+data, first-step workspaces: 45-100 MB here), which the planner does not count; the difference checks the
+part that grows with the model. The table shows both. The planner counts bytes allocated (on a GPU,
 `torch.cuda.max_memory_allocated`); on CPU glibc keeps freed heap pages resident, so with the stages'
 training setting (allocations below 4-32 MiB from the heap) a first step's RSS peak is up to 2× what it
-allocated. The cases run with `MIXTRAL_TUNE_MMAP_THRESHOLD=131072` (train/memory_log.py): every allocation
-of 128 KiB or more is its own mapping, returned on free, so RSS follows the allocations. The baseline (Python, torch, DeepSpeed, the data) is what a
-process holds before the first weight is built; the planner does not count it. Goal: every case within
-±20%. The last line is the largest |planned / measured − 1|.
+allocated. The runs set `MIXTRAL_TUNE_MMAP_THRESHOLD=131072` (train/memory_log.py): every allocation of
+128 KiB or more is its own mapping, returned on free, so RSS follows the allocations. Goal: every case's
+planned / measured within ±20%; the last line is the largest |planned / measured − 1|.
 """
 
 from __future__ import annotations
@@ -38,25 +42,24 @@ from bench._common import REPO  # noqa: E402
 COMMON = ["data.synthetic_samples=64", "max_steps=3", "export=false", "logging=none", "optim.name=adamw",
           "optim.warmup_steps=0", "router.aux_loss_coef=0.01"]
 SFT = ["recipe=tiny/sft", "max_seq_len=256", "micro_batch_size=4"]
-DPO = ["recipe=tiny/dpo", "allow_random_init=true", "max_seq_len=128", "micro_batch_size=2"]
+DPO = ["recipe=tiny/dpo", "allow_random_init=true", "max_seq_len=128", "micro_batch_size=2"]  # (pairs)
 
-CASES = {  # name: (stage, ranks, overrides)
-    "small SFT ZeRO-0": ("sft", 1, [*SFT, "model=small", "deepspeed=zero0"]),
-    "small SFT ZeRO-1": ("sft", 2, [*SFT, "model=small", "deepspeed=zero1"]),
-    "small SFT ZeRO-2": ("sft", 2, [*SFT, "model=small", "deepspeed=zero2"]),
-    "small SFT ZeRO-3": ("sft", 2, [*SFT, "model=small", "deepspeed=zero3"]),
-    "small SFT ZeRO-2 + EP 2": ("sft", 2, [*SFT, "model=small", "deepspeed=zero2", "expert_parallel_size=2"]),
-    "small SFT ZeRO-3, checkpointing": ("sft", 2, [*SFT, "model=small", "deepspeed=zero3",
-                                                   "model.gradient_checkpointing=true"]),
-    "small SFT ZeRO-3 + EP 2": ("sft", 2, [*SFT, "model=small", "deepspeed=zero3", "expert_parallel_size=2"]),
-    "small SFT LoRA ZeRO-0": ("sft", 1, [*SFT, "model=small", "deepspeed=zero0", "lora.enabled=true"]),
-    "small SFT LoRA ZeRO-3": ("sft", 2, [*SFT, "model=small", "deepspeed=zero3", "lora.enabled=true"]),
-    "small SFT LoRA ZeRO-3, checkpointing": ("sft", 2, [*SFT, "model=small", "deepspeed=zero3", "lora.enabled=true",
+CASES = {  # name: (stage, ranks, overrides); each runs on `small` and, as its baseline, on `tiny`
+    "small SFT ZeRO-0": ("sft", 1, [*SFT, "deepspeed=zero0"]),
+    "small SFT ZeRO-1": ("sft", 2, [*SFT, "deepspeed=zero1"]),
+    "small SFT ZeRO-2": ("sft", 2, [*SFT, "deepspeed=zero2"]),
+    "small SFT ZeRO-3": ("sft", 2, [*SFT, "deepspeed=zero3"]),
+    "small SFT ZeRO-3, checkpointing": ("sft", 2, [*SFT, "deepspeed=zero3", "model.gradient_checkpointing=true"]),
+    "small SFT ZeRO-2 + EP 2": ("sft", 2, [*SFT, "deepspeed=zero2", "expert_parallel_size=2"]),
+    "small SFT ZeRO-3 + EP 2": ("sft", 2, [*SFT, "deepspeed=zero3", "expert_parallel_size=2"]),
+    "small SFT LoRA ZeRO-0": ("sft", 1, [*SFT, "deepspeed=zero0", "lora.enabled=true"]),
+    "small SFT LoRA ZeRO-3": ("sft", 2, [*SFT, "deepspeed=zero3", "lora.enabled=true"]),
+    "small SFT LoRA ZeRO-3, checkpointing": ("sft", 2, [*SFT, "deepspeed=zero3", "lora.enabled=true",
                                                         "model.gradient_checkpointing=true"]),
-    "small DPO ZeRO-2": ("dpo", 2, [*DPO, "model=small", "deepspeed=zero2"]),
-    "small DPO LoRA ZeRO-3": ("dpo", 2, [*DPO, "model=small", "deepspeed=zero3", "lora.enabled=true"]),
-    "tiny SFT ZeRO-0": ("sft", 1, [*SFT, "model=tiny", "deepspeed=zero0"]),
-    "tiny DPO ZeRO-3 + EP 2": ("dpo", 2, [*DPO, "model=tiny", "deepspeed=zero3", "expert_parallel_size=2"]),
+    "small DPO ZeRO-2": ("dpo", 2, [*DPO, "deepspeed=zero2"]),
+    "small DPO LoRA ZeRO-3": ("dpo", 2, [*DPO, "deepspeed=zero3", "lora.enabled=true"]),
+    "small pretrain ZeRO-1": ("pretrain", 2, ["recipe=tiny/pretrain", "max_seq_len=256", "micro_batch_size=4",
+                                              "deepspeed=zero1"]),
 }
 
 
@@ -86,14 +89,19 @@ def measured_bytes(stage: str, ranks: int, overrides: list[str], out: Path) -> f
                for r in range(ranks))
 
 
-def measure(names: list[str]) -> list[tuple[str, float, float]]:
-    """(case, planned bytes, measured bytes) for each named case."""
+def measure(names: list[str]) -> list[dict]:
+    """Per named case: planned and measured bytes on `small` and on `tiny` (the baseline)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             stage, ranks, overrides = CASES[name]
-            rows.append((name, planned_bytes(stage, ranks, overrides),
-                         measured_bytes(stage, ranks, overrides, Path(tmp) / "run")))
+            row = {"case": name}
+            for preset in ("small", "tiny"):
+                o = [*overrides, f"model={preset}"]
+                row[preset] = (planned_bytes(stage, ranks, o), measured_bytes(stage, ranks, o, Path(tmp) / "run"))
+            (ps, ms), (pt, mt) = row["small"], row["tiny"]
+            row["ratio"] = (ps - pt) / (ms - mt)
+            rows.append(row)
     return rows
 
 
@@ -106,10 +114,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; cases: {list(CASES)}")
     rows = measure(names)
-    print(f"{'case':28s} {'planned MB':>11s} {'measured MB':>12s} {'planned/measured':>17s}  within ±20%")
-    for name, p, m in rows:
-        print(f"{name:28s} {p / 2**20:11.1f} {m / 2**20:12.1f} {p / m:17.2f}  {'yes' if abs(p / m - 1) <= 0.2 else 'NO'}")
-    print(f"largest |planned / measured - 1|: {max(abs(p / m - 1) for _, p, m in rows):.2f}")
+    mb = 2**20
+    print(f"{'case':38s} {'small planned/measured':>23s} {'tiny (baseline)':>16s} {'difference':>12s} {'ratio':>6s}  ±20%")
+    for r in rows:
+        (ps, ms), (pt, mt) = r["small"], r["tiny"]
+        print(f"{r['case']:38s} {ps / mb:11.0f} / {ms / mb:<9.0f} {pt / mb:6.0f} / {mt / mb:<7.0f} "
+              f"{(ps - pt) / mb:5.0f} / {(ms - mt) / mb:<5.0f} {r['ratio']:6.2f}  {'yes' if abs(r['ratio'] - 1) <= 0.2 else 'NO'}")
+    print(f"largest |planned / measured - 1|: {max(abs(r['ratio'] - 1) for r in rows):.2f}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ CASES = {
     "load_memory.py": (["--hidden", "128", "--ffn", "256", "--layers", "2", "--ranks", "2", "--only",
                         "ZeRO-3 + EP 2, SGD"], "largest |measured / expected - 1|"),
     "dpo_reference_memory.py": (["--model", "tiny", "--steps", "3"], "dpo live/precomputed peak RSS"),
-    "plan_accuracy.py": (["--only", "tiny SFT ZeRO-0"], "largest |planned / measured - 1|"),
 }
 
 

@@ -1,0 +1,25 @@
+"""The planner's per-rank figure against measured peak memory (bench/plan_accuracy.py): ZeRO-0 on one rank,
+ZeRO-3 with gradient checkpointing and ZeRO-2 + EP 2 on two, the part that grows with the model (`small`
+above the `tiny` baseline) is within ±20% of what the planner says. The full table (13 cases, 11 within
+±20%) is in BENCHMARKS.md."""
+
+import sys
+
+import pytest
+
+from helpers import REPO
+
+pytestmark = pytest.mark.bench
+
+CASES = ["small SFT ZeRO-0", "small SFT ZeRO-3, checkpointing", "small SFT ZeRO-2 + EP 2"]
+
+
+def test_planner_within_20_percent_of_measured_peak_memory():
+    sys.path.insert(0, str(REPO))
+    from bench.plan_accuracy import measure
+
+    rows = measure(CASES)
+    for r in rows:
+        (ps, ms), (pt, mt) = r["small"], r["tiny"]
+        assert ms > mt and ps > pt, r
+        assert abs(r["ratio"] - 1) <= 0.2, f"{r['case']}: planned {(ps - pt) / 2**20:.0f} MB, measured {(ms - mt) / 2**20:.0f} MB"
