@@ -23,7 +23,9 @@ trainable parameter: AdamW 8 (m, v in fp32), SGD 0, plus 4 for the fp32 master c
 (bf16/fp16; for an fp32 model too under ZeRO-1/2, whose optimizer always copies; under ZeRO-3 an fp32
 model's partitions are the master weights: model/distributed.py `fp32_master_shared`). The step's
 flattened gradient is in the training dtype, plus its fp32 copy for bf16/fp16.
-Activations are not counted (they depend on the batch).
+Activations are not counted here (they depend on the batch: `activation_bytes`). The step's buffer and the
+activations never coexist (the backward has freed the activations before the optimizer step), so a rank's
+peak counts the larger of the two (train/plan.py, train/preflight.py).
 
 Mixtral-8x7B (46.7 B parameters, 45.1 B in experts) in bf16 with AdamW on 8 ranks, for example:
 ZeRO-3 + EP 8: (2 + 2 + 12)·46.7e9/8 ≈ 93 GB per rank, which is why the 8x7B full fine-tuning recipe

@@ -54,7 +54,8 @@ def row(config, layout: Layout, tokens: int, checkpointing: bool) -> dict:
     b = per_rank_bytes(config, layout, checkpointing)
     act = {c: activation_bytes(config, tokens, layout.dtype_bytes, c) for c in (True, False)}
     a2a = alltoall_bytes(config, tokens, layout.dtype_bytes, layout.ep_size)
-    gpu = b["device"] + a2a + act[checkpointing]
+    # the step's flattened gradient exists only in the optimizer step, after the backward freed the activations
+    gpu = b["device"] - b["step"] + max(b["step"], a2a + act[checkpointing])
     return {**b, "a2a": a2a, "act_ckpt": act[True], "act_full": act[False], "gpu": gpu}
 
 

@@ -73,8 +73,9 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
     tokens = tokens_per_micro_batch(cfg)
     extra = (activation_bytes(config, tokens, layout.dtype_bytes, bool(cfg.model.gradient_checkpointing))
              + alltoall_bytes(config, tokens, layout.dtype_bytes, ep))
-    need["device"] += extra
-    need["total"] += extra
+    # the step's flattened gradient exists only in the optimizer step, after the backward freed the activations
+    for key in ("device", "total"):
+        need[key] += max(0.0, extra - need["step"])
     total = parameter_counts(config)["total"]
     size = f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M"
     what = (f"{source}: {size} parameters; ZeRO-{layout.zero_stage}, expert_parallel_size={ep}, "

@@ -1,6 +1,6 @@
 """The planner's per-rank figure against measured peak memory (bench/plan_accuracy.py): ZeRO-0 on one rank,
 ZeRO-3 with gradient checkpointing and ZeRO-2 + EP 2 on two, the part that grows with the model (`small`
-above the `tiny` baseline) is within ±20% of what the planner says. The full table (13 cases, 11 within
+above the `tiny` baseline) is within ±20% of what the planner says. The full table (13 cases, all within
 ±20%) is in BENCHMARKS.md."""
 
 import sys
