@@ -184,17 +184,7 @@ def load_portable(engine, folder: Path, model_config, ep_size: int, ep_rank: int
             missing.append(name)
             continue
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-        def piece(flat: torch.Tensor) -> torch.Tensor:
-            if name.endswith(".mlp.experts.w1"):
-                return flat.view(E, 2 * I, H)[local, :I]
-            if name.endswith(".mlp.experts.w3"):
-                return flat.view(E, 2 * I, H)[local, I:]
-            if name.endswith(".mlp.experts.w2"):
-                return flat.view(E, H, I)[local]
-            return flat
-
-        values = {k: piece(v).contiguous().to(torch.float32) for k, v in saved.items()}
+        values = {k: _local_piece(name, v, E, I, H, local).contiguous().to(torch.float32) for k, v in saved.items()}
         if not hasattr(p, "ds_id") and not hasattr(p, "_hp_mapping"):  # plain torch optimizer (fp32 ZeRO-0)
             p.data.copy_(values["fp32"].view_as(p))
             state = opt.state[p]
@@ -213,7 +203,7 @@ def load_portable(engine, folder: Path, model_config, ep_size: int, ep_rank: int
     if stage == 3:  # the fp32 partitions into the parameters' own (bf16 or shared fp32) partitions
         for i in range(len(engine.optimizer.fp16_groups)):
             engine.optimizer._reassign_or_swap_out_partitioned_parameters(i)
-    elif hasattr(engine.optimizer, "update_lp_params"):  # ZeRO-1/2, bf16: fp32 masters into the model's weights
+    elif hasattr(engine.optimizer, "update_lp_params"):  # ZeRO-1/2: the fp32 partitions into the model's weights
         engine.optimizer.update_lp_params()
     if inner_optimizer(engine) is not engine.optimizer:
         # each (sub-)group's own step tensor: a shared one would be counted once per group by fused AdamW
@@ -225,6 +215,18 @@ def load_portable(engine, folder: Path, model_config, ep_size: int, ep_rank: int
     engine.global_steps = layout["step"]
     engine.global_samples = layout["step"] * layout["global_batch_size"]
     return layout
+
+
+def _local_piece(name: str, flat: torch.Tensor, E: int, I: int, H: int, local: slice) -> torch.Tensor:
+    """This rank's part of a portable tensor for parameter `name`: under AutoEP its experts `local` of
+    gate_up_proj [E, 2I, H] (w1: the first I rows, w3: the last) or down_proj [E, H, I] (w2); else all of it."""
+    if name.endswith(".mlp.experts.w1"):
+        return flat.view(E, 2 * I, H)[local, :I]
+    if name.endswith(".mlp.experts.w3"):
+        return flat.view(E, 2 * I, H)[local, I:]
+    if name.endswith(".mlp.experts.w2"):
+        return flat.view(E, H, I)[local]
+    return flat
 
 
 def _step_tensor(opt, p: torch.Tensor, steps: int):
