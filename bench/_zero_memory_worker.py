@@ -29,7 +29,7 @@ def live_tensor_bytes() -> int:
 
 
 def main() -> None:
-    from train import common
+    from train import common, faults
     from train.config import compose
 
     overrides = sys.argv[1:]
@@ -63,6 +63,9 @@ def main() -> None:
     dist.all_gather_object(rows, mine)
     if run.main:
         print("RESULT " + json.dumps(rows), flush=True)
+    # end like a stage: stop this rank's watchdog thread, which otherwise still talks to the rendezvous store
+    # while the interpreter shuts down (seen once: "terminate called without an active exception", SIGABRT)
+    faults.finished()
 
 
 if __name__ == "__main__":
