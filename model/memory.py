@@ -100,6 +100,12 @@ def per_rank_bytes(config, layout: Layout, checkpointing: bool = True) -> dict:
     return out
 
 
+def peak_bytes(state: dict, transient: float) -> float:
+    """A rank's peak on its device: `per_rank_bytes`'s device part with the step's buffer replaced by the larger
+    of it and `transient` (activations + all-to-all): the backward has freed the activations before the step."""
+    return state["device"] - state["step"] + max(state["step"], transient)
+
+
 def gib(x: float) -> str:
     return f"{x / 2**30:.1f} GiB"
 

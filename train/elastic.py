@@ -131,7 +131,7 @@ def _from_universal(source: Path, universal: Path, log: Path):
         out = {}
         for key in ("fp32", *MOMENTS):
             if (folder / f"{key}.pt").is_file():
-                x = torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=False)
+                x = torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=True)
                 out[key] = x["param"] if isinstance(x, dict) else x
         return out
 

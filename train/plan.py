@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from model.memory import Layout, activation_bytes, alltoall_bytes, parameter_counts, per_rank_bytes  # noqa: E402
+from model.memory import (Layout, activation_bytes, alltoall_bytes, parameter_counts, peak_bytes,  # noqa: E402
+                          per_rank_bytes)
 from train.config import ConfigError  # noqa: E402
 from train.preflight import layout_of, tokens_per_micro_batch  # noqa: E402
 
@@ -54,8 +55,7 @@ def row(config, layout: Layout, tokens: int, checkpointing: bool) -> dict:
     b = per_rank_bytes(config, layout, checkpointing)
     act = {c: activation_bytes(config, tokens, layout.dtype_bytes, c) for c in (True, False)}
     a2a = alltoall_bytes(config, tokens, layout.dtype_bytes, layout.ep_size)
-    # the step's flattened gradient exists only in the optimizer step, after the backward freed the activations
-    gpu = b["device"] - b["step"] + max(b["step"], a2a + act[checkpointing])
+    gpu = peak_bytes(b, a2a + act[checkpointing])
     return {**b, "a2a": a2a, "act_ckpt": act[True], "act_full": act[False], "gpu": gpu}
 
 

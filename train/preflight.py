@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from model.memory import Layout, activation_bytes, alltoall_bytes, gib, parameter_counts, per_rank_bytes
+from model.memory import Layout, activation_bytes, alltoall_bytes, gib, parameter_counts, peak_bytes, per_rank_bytes
 from train.config import ConfigError
 
 
@@ -73,9 +73,8 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
     tokens = tokens_per_micro_batch(cfg)
     extra = (activation_bytes(config, tokens, layout.dtype_bytes, bool(cfg.model.gradient_checkpointing))
              + alltoall_bytes(config, tokens, layout.dtype_bytes, ep))
-    # the step's flattened gradient exists only in the optimizer step, after the backward freed the activations
-    for key in ("device", "total"):
-        need[key] += max(0.0, extra - need["step"])
+    need["total"] += peak_bytes(need, extra) - need["device"]
+    need["device"] = peak_bytes(need, extra)
     total = parameter_counts(config)["total"]
     size = f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M"
     what = (f"{source}: {size} parameters; ZeRO-{layout.zero_stage}, expert_parallel_size={ep}, "
