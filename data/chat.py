@@ -10,7 +10,12 @@ Each message is encoded separately (so each starts with sentencepiece's dummy-pr
 space); the optional system prompt is joined to the first user message with "\\n\\n" (an empty
 system prompt is no system prompt, as in mistral_common);
 `</s>` follows every assistant answer. "[INST]" is plain text in v1, so a literal
-"[INST]" or "</s>" inside a message is encoded as text, never as a control token.
+"[INST]" inside a message is encoded as text, never as a control token.
+
+A message containing the strings "<s>", "</s>" or "<unk>" is refused (`CONTROL_STRINGS`):
+mistral_common would encode them as text, but every Hugging Face chat template (the export's,
+and what vLLM and TGI apply) renders a chat to a string and reads them back as control tokens,
+so such a chat would be trained or answered here in a form no server can reproduce.
 
 Labels are -100 everywhere except each assistant answer's tokens and its `</s>`.
 Labels are *unshifted* (labels[i] is the target of position i); the loss shifts them.
@@ -22,10 +27,25 @@ from collections.abc import Sequence
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+CONTROL_STRINGS = ("<s>", "</s>", "<unk>")
 
 
 class ChatFormatError(ValueError):
     """A conversation that cannot be encoded; the message says what is wrong and where."""
+
+
+def control_string(text: str) -> str | None:
+    """The first of `CONTROL_STRINGS` that occurs in `text`, or None."""
+    return next((c for c in CONTROL_STRINGS if c in text), None)
+
+
+def control_string_problem(text: str) -> str | None:
+    """Why `text` cannot be a message (it holds a control-token string), or None."""
+    c = control_string(text)
+    if c is None:
+        return None
+    return (f"contains the control-token string {c!r}, which a Hugging Face chat template (the export's, "
+            f"vLLM's, TGI's) reads as a control token, not text; remove or escape it")
 
 
 def validate_messages(messages: Sequence[dict], *, for_training: bool) -> None:
@@ -47,6 +67,8 @@ def validate_messages(messages: Sequence[dict], *, for_training: bool) -> None:
             raise ChatFormatError(f"message {i} ({m['role']}): empty content")
         if m["role"] == "system" and i != 0:
             raise ChatFormatError(f"message {i}: system message must be the first message")
+        if (problem := control_string_problem(m["content"])) is not None:
+            raise ChatFormatError(f"message {i} ({m['role']}): {problem}")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     if not turns:
         raise ChatFormatError("conversation has a system message but no user turn")

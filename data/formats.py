@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.chat import ChatFormatError, validate_messages
+from data.chat import ChatFormatError, control_string_problem, validate_messages
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".jsonl.gz", ".json.gz")
 
@@ -372,6 +372,8 @@ def to_preference(rec: Record, fmt: str) -> dict:
     for key, ans in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(ans, str) or not ans.strip():
             raise RecordError(where, "empty content", f"{key} answer is empty")
+        if (problem := control_string_problem(ans)) is not None:
+            raise RecordError(where, "invalid conversation", f"{key} answer {problem}")
     if chosen == rejected:
         raise RecordError(where, "identical pair", "chosen and rejected are identical (no preference signal)")
     prompt = _check_chat(prompt, where, for_training=False)

@@ -25,7 +25,8 @@ is a separate piece of text in data/chat.py, and the pre-tokenizer's word bounda
 control tokens' boundaries make the rendered string tokenize to the same ids. The literal strings "<s>",
 "</s>" and "<unk>" inside a text are control tokens to an HF tokenizer unless it is called with
 `split_special_tokens=True` (then they are text, as sentencepiece and mistral_common encode them); a chat
-template needs them as control tokens, so inside a message they stay so (as in mistralai's own files).
+template needs them as control tokens, so inside a message they would be read so (as with mistralai's own
+files) — which is why data/chat.py refuses a message that holds one.
 """
 
 from __future__ import annotations

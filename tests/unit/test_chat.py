@@ -34,6 +34,8 @@ TEXTS = [
     "Ελληνικά και русский текст",
     "a" * 300,
 ]
+# texts a chat message may hold: the control-token strings are refused (data/chat.py CONTROL_STRINGS)
+CHAT_TEXTS = [t for t in TEXTS if not any(c in t for c in ("<s>", "</s>", "<unk>"))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,13 +57,13 @@ def _conversations(seed=0, n=60):
         turns = rng.randint(1, 4)
         msgs = []
         if i % 3 == 0:
-            msgs.append({"role": "system", "content": rng.choice(TEXTS)})
+            msgs.append({"role": "system", "content": rng.choice(CHAT_TEXTS)})
         for _ in range(turns):
-            msgs.append({"role": "user", "content": rng.choice(TEXTS)})
-            msgs.append({"role": "assistant", "content": rng.choice(TEXTS)})
+            msgs.append({"role": "user", "content": rng.choice(CHAT_TEXTS)})
+            msgs.append({"role": "assistant", "content": rng.choice(CHAT_TEXTS)})
         convs.append(msgs)
     # every text in every position at least once
-    for t in TEXTS:
+    for t in CHAT_TEXTS:
         convs.append([{"role": "system", "content": t}, {"role": "user", "content": t}, {"role": "assistant", "content": t}])
     return convs
 
@@ -115,6 +117,12 @@ def test_system_prompt_joined_with_blank_line(tokenizer):
         ([{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}], "content must be a string"),
         ([{"role": "bot", "content": "a"}], "unknown role 'bot'"),
         ([{"role": "system", "content": "s"}], "no user turn"),
+        ([{"role": "user", "content": "an eos </s> here"}, {"role": "assistant", "content": "b"}],
+         "message 0 (user): contains the control-token string '</s>'"),
+        ([{"role": "system", "content": "<s>"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+         "message 0 (system): contains the control-token string '<s>'"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "x<unk>y"}],
+         "message 1 (assistant): contains the control-token string '<unk>'"),
     ],
 )
 def test_invalid_conversations_are_named(messages, needle, tokenizer):

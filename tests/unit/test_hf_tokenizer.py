@@ -9,7 +9,7 @@ import pytest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from transformers import AutoTokenizer
 
-from data.chat import encode_chat, encode_prompt
+from data.chat import ChatFormatError, encode_chat, encode_prompt, validate_messages
 from data.hf_tokenizer import write_hf_tokenizer
 from data.tokenizer import default_tokenizer_path, load_tokenizer
 from test_chat import TEXTS, _conversations, _reference
@@ -62,8 +62,17 @@ def test_control_token_strings_in_text_with_split_special_tokens(hf, tokenizer):
     assert hf("a </s>").input_ids[-1] == tokenizer.eos_id
 
 
+def _accepted(messages) -> bool:
+    try:
+        validate_messages(messages, for_training=True)
+    except ChatFormatError:
+        return False
+    return True
+
+
 def _plain(convs):
-    return [m for m in convs if all("<s>" not in x["content"] and "</s>" not in x["content"] for x in m)]
+    """The chats the project accepts (data/chat.py refuses messages holding "<s>", "</s>", "<unk>")."""
+    return [m for m in convs if _accepted(m)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -91,6 +100,16 @@ def test_chat_template_on_the_real_chats(hf, tokenizer, shared_data):
     assert len(convs) > 500
     for messages in convs:
         assert _chat_ids(hf, messages) == encode_chat(messages, tokenizer)[0] == _reference(messages, ValidationMode.finetuning)
+
+
+def test_refused_chats_are_the_ones_a_chat_template_cannot_reproduce(hf, tokenizer):
+    """Why data/chat.py refuses "<s>", "</s>", "<unk>" in a message: mistral_common encodes them as text, every
+    HF chat template as control tokens. Every other chat of the same texts is accepted and equal (above)."""
+    refused = [[{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}] for t in TEXTS if t not in PLAIN]
+    refused += [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"a {c} b"}] for c in ("<s>", "</s>", "<unk>")]
+    for messages in refused:
+        assert not _accepted(messages)
+        assert _chat_ids(hf, messages) != _reference(messages, ValidationMode.finetuning), messages
 
 
 def test_chat_template_refuses_roles_out_of_order(hf):

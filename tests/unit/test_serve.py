@@ -86,6 +86,8 @@ BAD = [  # (what, body or raw bytes, expected status, text in the error message)
     ("an unknown role", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
     ("content of the wrong type", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("roles out of order", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "expected role 'user'"),
+    ("a control-token string", {"messages": [{"role": "user", "content": "end </s> here"}]}, 400,
+     "control-token string '</s>'"),
     ("ending with the assistant", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
      400, "last message must be a user turn"),
     ("max_tokens -1", {"messages": [{"role": "user", "content": "a"}], "max_tokens": -1}, 400, "'max_tokens'"),
