@@ -131,15 +131,19 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, to
             "segment": segment, "router_mask": router_mask}
 
 
-def pair_logps(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, segment_BL: torch.Tensor):
+def pair_logps(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, segment_BL: torch.Tensor, shifted: bool = False):
     """Summed log-probs of the chosen and rejected answers, and their token counts, each `(B,)`.
 
     Only labelled positions are gathered (N of them), so no `(B, L, V)` fp32 log-softmax is built.
+    `shifted=True`: labels and segment are already those of the token each position predicts (a
+    sequence-parallel shard's `targets` / `target_segment`, model/sequence_parallel.py).
     """
-    targets = labels_BL[:, 1:]
-    seg = segment_BL[:, 1:]
+    if shifted:
+        targets, seg, logits_BLV = labels_BL, segment_BL, logits_BLV
+    else:
+        targets, seg, logits_BLV = labels_BL[:, 1:], segment_BL[:, 1:], logits_BLV[:, :-1]
     sel = targets != IGNORE_INDEX
-    logits_NV = logits_BLV[:, :-1][sel].float()
+    logits_NV = logits_BLV[sel].float()
     logp_N = torch.gather(logits_NV.log_softmax(-1), 1, targets[sel].unsqueeze(1)).squeeze(1)
     rows_N = torch.nonzero(sel, as_tuple=True)[0]
     seg_N = seg[sel]

@@ -26,6 +26,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "packed_sdpa"
+# Set by model/sequence_parallel.py: rows gathered by the sequence-parallel attention arrive without a mask,
+# so documents are kept apart here, by position ids, on every device and outside training too.
+PER_DOCUMENT_ALWAYS = [False]
 
 
 def document_spans(position_ids_BS: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -61,8 +64,8 @@ def packed_sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, atte
     sees the padding after it); the real positions' outputs are put back in row order.
     """
     B, Hq, S, D = query_BHSD.shape
-    per_document = (module.training and query_BHSD.device.type == "cpu" and position_ids is not None
-                    and S == key_BKSD.shape[2] > 1)
+    per_document = ((PER_DOCUMENT_ALWAYS[0] or (module.training and query_BHSD.device.type == "cpu"))
+                    and position_ids is not None and S == key_BKSD.shape[2] > 1)
     spans = document_spans(position_ids) if per_document else None
     if spans is None or all(len(row) == 1 for row in spans):
         return sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, attention_mask, dropout=dropout,

@@ -28,7 +28,10 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None
     `model_config` (the MixtralConfig actually trained, e.g. `model_path`'s) sizes the ZeRO-3 buffers;
     None: the preset `cfg.model`."""
     ds = OmegaConf.to_container(cfg.deepspeed, resolve=True) if cfg.deepspeed else {}
-    gas = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+    sp = cfg.get("sequence_parallel_size", 1)
+    gas = cfg.global_batch_size // (cfg.micro_batch_size * (world_size // sp))
+    if sp > 1:  # DeepSpeed's batch check then counts data-parallel groups, not ranks
+        ds["sequence_parallel_size"] = sp
     ds["train_batch_size"] = cfg.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     ds["gradient_accumulation_steps"] = gas
@@ -101,7 +104,13 @@ def zero_stage(ds: dict) -> int:
 
 def batch_arithmetic(cfg, world_size: int) -> str:
     """Human-readable batch arithmetic, e.g. for the start-of-run banner."""
+    sp = cfg.get("sequence_parallel_size", 1)
+    world_size //= sp
     gas = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+    if sp > 1:
+        return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel groups of {sp} "
+                f"sequence-parallel ranks = {cfg.global_batch_size} {'pairs' if cfg.stage == 'dpo' else 'sequences'} "
+                f"of ≤{cfg.max_seq_len} tokens, {-(-cfg.max_seq_len // sp)} per rank")
     if cfg.stage == "dpo":  # one row per pair, both answers in it
         return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel ranks = "
                 f"{cfg.global_batch_size} preference pairs of ≤{cfg.max_seq_len} tokens per side")

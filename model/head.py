@@ -26,22 +26,24 @@ from model.losses import linear_ce_sum
 
 class LossHead(nn.Linear):
     labels_BS: torch.Tensor | None = None
+    shifted: bool = False
 
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         if self.labels_BS is None:
             return super().forward(hidden_BSH)
         if self.bias is not None:
             raise ValueError("LossHead.loss_on: an LM head with a bias is not supported (Mixtral has none)")
-        return linear_ce_sum(hidden_BSH, self.weight, self.labels_BS)
+        return linear_ce_sum(hidden_BSH, self.weight, self.labels_BS, shifted=self.shifted)
 
     @contextlib.contextmanager
-    def loss_on(self, labels_BS: torch.Tensor):
-        """Within this block the forward returns Σ CE over `labels_BS` (unshifted, IGNORE_INDEX = skip)."""
-        self.labels_BS = labels_BS
+    def loss_on(self, labels_BS: torch.Tensor, shifted: bool = False):
+        """Within this block the forward returns Σ CE over `labels_BS` (unshifted, IGNORE_INDEX = skip;
+        `shifted=True`: already the targets of each position, model/sequence_parallel.py)."""
+        self.labels_BS, self.shifted = labels_BS, shifted
         try:
             yield self
         finally:
-            self.labels_BS = None
+            self.labels_BS, self.shifted = None, False
 
 
 def install_loss_head(model) -> LossHead:

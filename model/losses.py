@@ -25,12 +25,13 @@ IGNORE_INDEX = -100
 
 
 def linear_ce_sum(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, labels_BS: torch.Tensor,
-                  chunk_rows: int | None = None) -> torch.Tensor:
+                  chunk_rows: int | None = None, shifted: bool = False) -> torch.Tensor:
     """Σ over label positions of the next-token cross-entropy of the LM head `hidden · Wᵀ`, never
     materialising the (B, S, V) logits.
 
     labels are unshifted (labels[b, i] is the token at position i); position i-1 predicts it, and
-    positions labelled IGNORE_INDEX are skipped. The N labelled rows of hidden are gathered (N × H),
+    positions labelled IGNORE_INDEX are skipped. `shifted=True`: labels[b, i] is what position i
+    predicts (a sequence-parallel shard, whose last position predicts the next shard's first token). The N labelled rows of hidden are gathered (N × H),
     then, `chunk_rows` rows at a time (a chunk of logits that stays in cache):
         z = h Wᵀ (fp32),  loss += Σ −log softmax(z)[target],
         dz = softmax(z) − onehot(target),  dh = dz W,  dW += dzᵀ h
@@ -39,9 +40,9 @@ def linear_ce_sum(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, labels_BS: 
     autograd through F.linear + F.cross_entropy, without the 2 × N × V logits and log-softmax
     buffers and their memory-bound passes (bench/mfu.py). Returns a 0-d fp32 tensor.
     """
-    targets_BS = labels_BS[:, 1:]
+    targets_BS, hidden_BSH = (labels_BS, hidden_BSH) if shifted else (labels_BS[:, 1:], hidden_BSH[:, :-1])
     sel_BS = targets_BS != IGNORE_INDEX
-    return _LinearCrossEntropy.apply(hidden_BSH[:, :-1][sel_BS], weight_VH, targets_BS[sel_BS], chunk_rows,
+    return _LinearCrossEntropy.apply(hidden_BSH[sel_BS], weight_VH, targets_BS[sel_BS], chunk_rows,
                                      torch.is_grad_enabled())
 
 

@@ -36,6 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _rows_sum(x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    if not sequence_parallel:
+        return x
+    from model.sequence_parallel import group_sum
+
+    return group_sum(x)
+
+
 def _flat_mask(mask: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor:
     if mask is None:
         return torch.ones(num_tokens, dtype=torch.bool, device=device)
@@ -62,6 +70,7 @@ def load_balancing_loss(
     top_k: int,
     mask: torch.Tensor | None = None,
     expert_fraction: torch.Tensor | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """Per-layer Switch load-balancing loss averaged over layers (1.0 when balanced).
 
@@ -71,6 +80,9 @@ def load_balancing_loss(
         mask: `(T,)` bool, True = token counted (padding False). None counts all.
         expert_fraction: optional `(L, E)` f_e from global-batch statistics
             (`ExpertLoadAccumulator.fraction()`); default: this batch's own f_e.
+        sequence_parallel: the logits are this rank's shard of rows shared by a sequence-parallel
+            group: n, f_e and P_e are taken over the whole rows (`model.sequence_parallel.group_sum`),
+            so every rank gets the rows' loss, with the gradient of its own tokens.
     Returns:
         scalar tensor, differentiable w.r.t. the logits through P_e.
     """
@@ -78,27 +90,30 @@ def load_balancing_loss(
     for layer, logits_TE in enumerate(router_logits):
         num_experts = logits_TE.shape[-1]
         m_T = _flat_mask(mask, logits_TE.shape[0], logits_TE.device).float()
-        n = m_T.sum().clamp_min(1.0)
+        n = _rows_sum(m_T.sum(), sequence_parallel).clamp_min(1.0)
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        p_E = (probs_TE * m_T[:, None]).sum(0) / n
+        p_E = _rows_sum((probs_TE * m_T[:, None]).sum(0), sequence_parallel) / n
         if expert_fraction is None:
             with torch.no_grad():
                 idx_TK = torch.topk(probs_TE, top_k, dim=-1).indices
                 counts_E = (F.one_hot(idx_TK, num_experts).sum(1).float() * m_T[:, None]).sum(0)
-                f_E = counts_E / (top_k * n)
+                f_E = _rows_sum(counts_E, sequence_parallel) / (top_k * n)
         else:
             f_E = expert_fraction[layer].to(p_E)
         losses.append(num_experts * (f_E * p_E).sum())
     return torch.stack(losses).mean()
 
 
-def z_loss(router_logits: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Router z-loss: mean over layers of mean_t logsumexp(logits_t)² over counted tokens."""
+def z_loss(router_logits: Sequence[torch.Tensor], mask: torch.Tensor | None = None,
+           sequence_parallel: bool = False) -> torch.Tensor:
+    """Router z-loss: mean over layers of mean_t logsumexp(logits_t)² over counted tokens
+    (`sequence_parallel`: over the whole rows, as in `load_balancing_loss`)."""
     losses = []
     for logits_TE in router_logits:
         m_T = _flat_mask(mask, logits_TE.shape[0], logits_TE.device).float()
         z_T = torch.logsumexp(logits_TE.float(), dim=-1)
-        losses.append((z_T.square() * m_T).sum() / m_T.sum().clamp_min(1.0))
+        losses.append(_rows_sum((z_T.square() * m_T).sum(), sequence_parallel)
+                      / _rows_sum(m_T.sum(), sequence_parallel).clamp_min(1.0))
     return torch.stack(losses).mean()
 
 

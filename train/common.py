@@ -27,6 +27,7 @@ from data.formats import RecordError
 from model.build import build_model, model_folder, resolve_dtype
 from model.distributed import batch_arithmetic, deepspeed_config, fp32_master_shared, mark_moe_leaf_modules, zero_stage
 from model.head import install_loss_head
+from model import sequence_parallel
 from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.router import router_statistics
 from train import console, elastic, faults, preflight
@@ -45,6 +46,7 @@ class Run:
     dtype: torch.dtype
     out: Path
     gas: int
+    sp: int = 1                       # sequence_parallel_size: consecutive ranks sharing each row
     memory: PhaseMemory | None = None
     model_config: Any = None          # the MixtralConfig trained (model_path's config.json, or the preset)
     data_report: Any = None           # rank 0: the training data's DataReport (for the model card)
@@ -55,6 +57,21 @@ class Run:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel groups: each trains its own rows (world size / sequence_parallel_size)."""
+        return self.world // self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+    def shard(self, batch: dict, pad_id: int) -> dict:
+        """A micro-batch as this rank trains it, on its device: its share of each row's tokens (all of them
+        without sequence parallelism), `labels` shifted to `targets` (model/sequence_parallel.py)."""
+        b = sequence_parallel.shard(batch, self.rank % self.sp, self.sp, pad_id)
+        return {k: v.to(self.device) for k, v in b.items()}
 
     def print(self, *args) -> None:
         if self.main:
@@ -107,15 +124,17 @@ def start(cfg) -> Run:
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed)
+    sp = cfg.sequence_parallel_size
     run = Run(rank=rank, world=world, local_rank=local_rank, device=device, dtype=resolve_dtype(cfg.precision),
-              out=Path(cfg.output_dir), gas=cfg.global_batch_size // (cfg.micro_batch_size * world),
-              model_config=model_cfg)
+              out=Path(cfg.output_dir), gas=cfg.global_batch_size // (cfg.micro_batch_size * (world // sp)),
+              sp=sp, model_config=model_cfg)
     if run.main:
         (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     run.barrier()
     run.memory = PhaseMemory(run, cfg.stage)
     run.print(f"[{cfg.stage}] {world} rank(s) on {device.type}, {run.dtype}, ZeRO-{zero_stage(cfg.deepspeed)}, "
-              f"expert_parallel_size={cfg.expert_parallel_size}")
+              f"expert_parallel_size={cfg.expert_parallel_size}"
+              + (f", sequence_parallel_size={sp}" if sp > 1 else ""))
     run.print(f"[{cfg.stage}] batch: {batch_arithmetic(cfg, world)}")
     run.print(f"[{cfg.stage}] layout: {holds}")
     if zero_stage(cfg.deepspeed) == 3 and not cfg.model.gradient_checkpointing:
@@ -213,8 +232,9 @@ def build_engine(cfg, model, run: Run):
                                                           eps=cfg.optim.eps, fused=fused))
         return made[-1]
 
+    mpu = sequence_parallel.setup(model, run.sp, cfg.micro_batch_size)
     with fp32_master_shared():
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds,
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=mpu,
                                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     check_expert_placement(engine.module, placement(cfg, run, ds))
     set_mmap_threshold((4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log.set_mmap_threshold

@@ -146,6 +146,7 @@ class StageConfig:
     model: ModelConfig = MISSING
     deepspeed: dict[str, Any] = field(default_factory=dict)
     expert_parallel_size: int = 1
+    sequence_parallel_size: int = 1   # ranks sharing each row's tokens (Ulysses, train/sequence_parallel.py)
     global_batch_size: int = 8
     micro_batch_size: int = 1
     max_seq_len: int = 512
@@ -220,6 +221,7 @@ def validate(cfg, world_size: int | None = None) -> None:
     _positive("micro_batch_size", cfg.micro_batch_size)
     _positive("max_seq_len", cfg.max_seq_len)
     _positive("expert_parallel_size", cfg.expert_parallel_size)
+    _positive("sequence_parallel_size", cfg.sequence_parallel_size)
     _positive("model.num_experts_per_tok", m.num_experts_per_tok)
     if m.num_experts_per_tok > m.num_local_experts:
         raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok} exceeds "
@@ -296,14 +298,36 @@ def validate(cfg, world_size: int | None = None) -> None:
         if not cfg.model_path and not cfg.allow_random_init:
             raise ConfigError("model_path is required: DPO aligns a trained model (e.g. model_path=outputs/sft/hf, an SFT "
                               "export, or a hub name); allow_random_init=true runs it on a randomly initialised preset")
+    sp = cfg.sequence_parallel_size
+    if sp > 1:
+        if cfg.expert_parallel_size > 1:
+            raise ConfigError(f"sequence_parallel_size={sp} with expert_parallel_size={cfg.expert_parallel_size}: "
+                              "DeepSpeed's AutoEP does not combine with its sequence-parallel groups (ZeRO-3 refuses it; "
+                              "at ZeRO-1/2 the expert gradients would be averaged over the wrong group); use one of the two")
+        if m.num_attention_heads % sp or not (m.num_key_value_heads % sp == 0 or sp % m.num_key_value_heads == 0):
+            raise ConfigError(f"sequence_parallel_size={sp}: the all-to-all splits attention heads across the group, so it "
+                              f"must divide model.num_attention_heads={m.num_attention_heads} and divide or be a multiple "
+                              f"of model.num_key_value_heads={m.num_key_value_heads}")
+        if m.attn_implementation in ("sdpa", "eager", "flex_attention"):
+            raise ConfigError(f"sequence_parallel_size={sp} with model.attn_implementation={m.attn_implementation}: "
+                              "the sequence-parallel attention drops the packed-document mask and keeps documents apart "
+                              "by position_ids only; use packed_sdpa (default) or flash_attention_2")
+        if cfg.lora.enabled:
+            raise ConfigError(f"sequence_parallel_size={sp} with lora.enabled=true: not supported yet (the adapters' "
+                              "reference pass in DPO and the merge are untested under sequence parallelism)")
     if world_size is not None:
+        if world_size % sp:
+            raise ConfigError(f"sequence_parallel_size={sp} does not divide the world size {world_size} "
+                              f"(torchrun --nproc_per_node x --nnodes)")
+        world_size //= sp  # the batch arithmetic below is over data-parallel groups
         if world_size % cfg.expert_parallel_size:
             raise ConfigError(f"expert_parallel_size={cfg.expert_parallel_size} does not divide the world size "
                               f"{world_size} (torchrun --nproc_per_node x --nnodes)")
         per_step = cfg.micro_batch_size * world_size
         if cfg.global_batch_size % per_step:
+            groups = "world size" if sp == 1 else f"data-parallel groups (world size / sequence_parallel_size {sp})"
             raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size × "
-                              f"world size = {cfg.micro_batch_size} × {world_size} = {per_step}")
+                              f"{groups} = {cfg.micro_batch_size} × {world_size} = {per_step}")
 
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "memory.json", "skipped.jsonl", "hf", "hf.tmp", "adapter", "checkpoints")

@@ -29,6 +29,7 @@ from data.preference import collate, pair_logps
 from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
 from model.losses import dpo_loss
+from model.sequence_parallel import group_sum
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
 from train import cli, common, faults, reference
 from train.config import DPOStageConfig, stage_checks
@@ -64,30 +65,31 @@ def main(cfg) -> None:
 
     engine.train()
     while step < cfg.max_steps:
-        index = batches.micro_batches(step, run.rank, run.world, cfg.micro_batch_size)
-        micro_batches = [collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix, tokenizer)
-                         for ix in index]
+        index = batches.micro_batches(step, run.dp_rank, run.dp, cfg.micro_batch_size)
+        # this rank's pairs (its data-parallel group's), and with sequence parallelism its share of their tokens
+        micro_batches = [run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix, tokenizer),
+                                   tokenizer.pad_id) for ix in index]
         # the chosen tokens the log-probs sum over (without a masked shared ending): the NLL's denominator
-        n_chosen_tokens = run.all_sum(sum(int(((b["segment"] == 1) & (b["labels"] != IGNORE_INDEX)).sum())
+        n_chosen_tokens = run.all_sum(sum(int(((b["target_segment"] == 1) & (b["targets"] != IGNORE_INDEX)).sum())
                                           for b in micro_batches))
         sums = torch.zeros(7, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll
         aux_total = z_total = 0.0
         counts_LE = torch.zeros(recorder.num_layers, num_experts, dtype=torch.float64)
         for ix, b in zip(index, micro_batches):
-            b = {k: v.to(run.device) for k, v in b.items()}
             with recorder:
                 out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-            pol_c, pol_r, n_c, n_r = pair_logps(out.logits, b["labels"], b["segment"])
+            # whole-row sums: a sequence-parallel rank's gradient flows through its own tokens (group_sum)
+            pol_c, pol_r, n_c, n_r = map(group_sum, pair_logps(out.logits, b["targets"], b["target_segment"], shifted=True))
             with torch.no_grad():
                 if ref_table is not None:
                     ref_c, ref_r = ref_table[ix, 0].to(pol_c), ref_table[ix, 1].to(pol_c)
                 elif ref_engine is not None:
                     ref_out = ref_engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-                    ref_c, ref_r, _, _ = pair_logps(ref_out.logits, b["labels"], b["segment"])
+                    ref_c, ref_r, _, _ = map(group_sum, pair_logps(ref_out.logits, b["targets"], b["target_segment"], shifted=True))
                 else:  # adapters_off
                     with engine.module.disable_adapter():
                         ref_out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-                    ref_c, ref_r, _, _ = pair_logps(ref_out.logits, b["labels"], b["segment"])
+                    ref_c, ref_r, _, _ = map(group_sum, pair_logps(ref_out.logits, b["targets"], b["target_segment"], shifted=True))
             if ipo:  # IPO compares per-token averages
                 pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
             losses, r_chosen, r_rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, cfg.dpo.loss_type,
@@ -96,12 +98,12 @@ def main(cfg) -> None:
             mask = b["router_mask"].reshape(-1)
             if balance is not None:
                 balance.add(recorder.logits, mask)
-            aux = load_balancing_loss(recorder.logits, top_k, mask, balance.fraction() if balance else None)
-            z = z_loss(recorder.logits, mask)
+            aux = load_balancing_loss(recorder.logits, top_k, mask, balance.fraction() if balance else None, run.sp > 1)
+            z = z_loss(recorder.logits, mask, run.sp > 1)
             pref = losses.sum() / cfg.global_batch_size
-            # DeepSpeed divides gradients by the accumulation steps and averages them over ranks;
+            # DeepSpeed divides gradients by the accumulation steps and averages them over data-parallel groups;
             # `pref` and `nll` are this micro-batch's shares of global means, so scale them back by both.
-            loss = (pref + cfg.dpo.sft_weight * nll) * (run.gas * run.world) \
+            loss = (pref + cfg.dpo.sft_weight * nll) * (run.gas * run.dp) \
                 + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
             loss = guard.watch(loss, step + 1)  # a non-finite loss makes every rank skip this step
             engine.backward(loss)
@@ -117,7 +119,7 @@ def main(cfg) -> None:
         step += 1
         skipped = guard.end_step(engine)
 
-        g = run.all_sum(sums)
+        g = run.all_sum(sums) / run.sp  # a sequence-parallel group's ranks hold the same pair sums
         G = cfg.global_batch_size
         aux_step, z_step = float(run.all_sum(aux_total)) / run.world, float(run.all_sum(z_total)) / run.world
         stats = metrics.expert_load(counts_LE)

@@ -49,24 +49,25 @@ def main(cfg) -> None:
 
     engine.train()
     while step < cfg.max_steps:
-        micro_batches = [rows.batch(ix) for ix in batches.micro_batches(step, run.rank, run.world, cfg.micro_batch_size)]
+        # this rank's rows (its data-parallel group's), and with sequence parallelism its share of their tokens
+        micro_batches = [run.shard(rows.batch(ix), tokenizer.pad_id)
+                         for ix in batches.micro_batches(step, run.dp_rank, run.dp, cfg.micro_batch_size)]
         # Normalise by the label tokens of the whole global batch (every micro-batch, every rank).
-        n_labels = run.all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
+        n_labels = run.all_sum(sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches))
         ce_total = aux_total = z_total = 0.0
         counts_LE = torch.zeros(recorder.num_layers, num_experts, dtype=torch.float64)
         for b in micro_batches:
-            b = {k: v.to(run.device) for k, v in b.items()}
-            with recorder, head.loss_on(b["labels"]):
+            with recorder, head.loss_on(b["targets"], shifted=True):
                 out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
             real = b["real_mask"].reshape(-1)
             if balance is not None:
                 balance.add(recorder.logits, real)
             ce = out.logits / n_labels.to(out.logits)  # out.logits is Σ −log p(label) (LossHead)
-            aux = load_balancing_loss(recorder.logits, top_k, real, balance.fraction() if balance else None)
-            z = z_loss(recorder.logits, real)
-            # DeepSpeed divides gradients by the accumulation steps and averages them over ranks;
+            aux = load_balancing_loss(recorder.logits, top_k, real, balance.fraction() if balance else None, run.sp > 1)
+            z = z_loss(recorder.logits, real, run.sp > 1)
+            # DeepSpeed divides gradients by the accumulation steps and averages them over data-parallel groups;
             # `ce` is already this micro-batch's share of the global mean, so scale it back by both.
-            loss = ce * (run.gas * run.world) + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
+            loss = ce * (run.gas * run.dp) + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
             loss = guard.watch(loss, step + 1)  # a non-finite loss makes every rank skip this step
             engine.backward(loss)
             engine.step()
@@ -80,7 +81,7 @@ def main(cfg) -> None:
         skipped = guard.end_step(engine)
 
         ce_step = float(run.all_sum(ce_total))
-        aux_step = float(run.all_sum(aux_total)) / run.world
+        aux_step = float(run.all_sum(aux_total)) / run.world  # (a sequence-parallel group's ranks hold the same value)
         z_step = float(run.all_sum(z_total)) / run.world
         tokens = int(run.all_sum(sum(int(b["real_mask"].sum()) for b in micro_batches)))
         stats = metrics.expert_load(counts_LE)

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from data.dataset import fingerprint, file_sha
 from data.preference import collate, pair_logps
+from model import sequence_parallel
+from model.sequence_parallel import group_sum
 
 
 def weights_fingerprint(cfg) -> dict:
@@ -41,11 +43,12 @@ def weights_fingerprint(cfg) -> dict:
 
 
 @torch.no_grad()
-def compute_logps(engine, pairs: list[dict], micro: int, tokenizer, rank: int, world: int, device,
-                  adapters_off: bool = False, desc: str = "reference log-probs",
-                  mask_common_suffix: bool = False) -> torch.Tensor:
-    """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights."""
-    n = len(pairs)
+def compute_logps(engine, pairs: list[dict], micro: int, tokenizer, run, adapters_off: bool = False,
+                  desc: str = "reference log-probs", mask_common_suffix: bool = False) -> torch.Tensor:
+    """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights.
+    Each data-parallel group of `run` computes its share of the pairs (a sequence-parallel group: each rank
+    its share of their tokens)."""
+    n, rank, world = len(pairs), run.dp_rank, run.dp
     table = torch.zeros(n, 2, dtype=torch.float64)
     per_rank = math.ceil(n / world)
     iters = math.ceil(per_rank / micro)
@@ -57,16 +60,15 @@ def compute_logps(engine, pairs: list[dict], micro: int, tokenizer, rank: int, w
     seen = set()
     for it in progress(range(iters), desc, enabled=rank == 0):
         ix = mine[it * micro:(it + 1) * micro]
-        b = {k: v.to(device) for k, v in collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix,
-                                                      tokenizer).items()}
+        b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer), tokenizer.pad_id)
         if adapters_off:
             with engine.module.disable_adapter():
                 out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
         else:
             out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-        chosen, rejected, _, _ = pair_logps(out.logits, b["labels"], b["segment"])
+        chosen, rejected, _, _ = map(group_sum, pair_logps(out.logits, b["targets"], b["target_segment"], shifted=True))
         for j, i in enumerate(ix):
-            if i not in seen and (i % world) == rank:
+            if i not in seen and (i % world) == rank and run.rank % run.sp == 0:
                 table[i, 0], table[i, 1] = chosen[j].double().cpu(), rejected[j].double().cpu()
                 seen.add(i)
     engine.train(was_training)
@@ -88,8 +90,8 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
         raise RuntimeError(f"resuming a DPO run whose reference cache {path} is missing: the reference must come from "
                            "the starting weights; rerun from step 0 (resume=false) or restore the cache")
     t0 = time.time()
-    table = compute_logps(engine, pairs, cfg.micro_batch_size, tokenizer, run.rank, run.world, run.device,
-                          adapters_off=adapters_off, mask_common_suffix=cfg.dpo.mask_common_suffix)
+    table = compute_logps(engine, pairs, cfg.micro_batch_size, tokenizer, run, adapters_off=adapters_off,
+                          mask_common_suffix=cfg.dpo.mask_common_suffix)
     if run.main:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -107,7 +109,7 @@ def reference_ds_config(cfg, run) -> dict:
 
     ds = deepspeed_config(cfg, run.world, run.dtype, run.model_config)
     ref_ds = {k: ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                                 "bf16", "fp16") if k in ds}
+                                 "bf16", "fp16", "sequence_parallel_size") if k in ds}
     ref_ds["zero_optimization"] = {"stage": 3 if zero_stage(ds) == 3 else 0}
     if "expert_parallel" in ds:
         ref_ds["expert_parallel"] = ds["expert_parallel"]
@@ -120,6 +122,6 @@ def live_engine(run, model, ref_ds: dict):
 
     for p in model.parameters():
         p.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ref_ds)
+    engine, *_ = deepspeed.initialize(model=model, config=ref_ds, mpu=sequence_parallel.MPU[0])
     engine.eval()
     return engine

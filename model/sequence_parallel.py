@@ -1,0 +1,99 @@
+"""Sequence parallelism: the N ranks of a group share each row's tokens (DeepSpeed Ulysses, ALST).
+
+    sequence_parallel_size=N   (train/config.py; world size = N × data-parallel groups)
+
+Every rank of a group trains the same rows, holding positions [r·S/N, (r+1)·S/N) of each (`shard`).
+Everything outside attention is per token, so it runs on the shard alone: embeddings, RoPE (from the
+row's own position ids), the MoE blocks, the fused LM-head loss (model/losses.py) — no rank ever holds
+a whole row's activations or logits. Attention is DeepSpeed's `UlyssesSPAttentionHF`: an all-to-all
+turns (B, H, S/N, D) shards into (B, H/N, S, D) head groups, the model's own attention function runs
+on whole rows for H/N heads (packed documents kept apart by the gathered position ids, as without SP:
+model/attention.py), and a second all-to-all returns the shards. DeepSpeed's engine, given the
+groups (`setup` returns its `mpu`), reduces gradients over all ranks and divides by the number of
+data-parallel groups, so each rank's loss must be its *share* of its group's loss:
+
+    cross-entropy      Σ over the shard's targets / (targets in the global batch)       (as for DP)
+    router losses      f_e and P_e over the whole row (`group_sum`): the same value on every rank,
+                       each rank's gradient through its own tokens only
+    DPO log-probs      Σ over the row's answer tokens (`group_sum`), likewise
+
+Labels are shifted *before* the cut (targets[i] = labels[i+1], what position i predicts), so the last
+position of a shard predicts the first token of the next one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from model.losses import IGNORE_INDEX
+
+GROUP: list = [None]  # this rank's sequence-parallel process group, once `setup` ran
+MPU: list = [None]    # DeepSpeed's groups object for every engine of the run (the DPO reference's too)
+
+
+def setup(model, size: int, micro_batch_size: int):
+    """Make the model's attention sequence-parallel over groups of `size` consecutive ranks; returns the
+    `mpu` for `deepspeed.initialize` (None when size is 1)."""
+    if size == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from model import attention
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None)
+    # DeepSpeed reads getattr(config, "head_dim", hidden / heads); Mixtral's config has the key, set to None
+    config.head_dim = head_dim or config.hidden_size // config.num_attention_heads
+    try:
+        mpu = UlyssesSPAttentionHF.register_with_transformers(
+            model, core_attn_implementation=config._attn_implementation, sequence_parallel_size=size,
+            micro_batch_size=micro_batch_size, seq_length_is_variable=True)
+    finally:
+        config.head_dim = head_dim
+    GROUP[0], MPU[0] = mpu.get_sequence_parallel_group(), mpu
+    attention.PER_DOCUMENT_ALWAYS[0] = True  # the gathered rows come without a mask: documents by position ids
+    return mpu
+
+
+def group_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Σ of `x` over the ranks of `group` (default: the sequence-parallel group; identity without one).
+    The value is the group's sum, the gradient flows to this rank's `x` only: summed over the group by
+    DeepSpeed's gradient reduction, it is the gradient of the sum."""
+    group = group if group is not None else GROUP[0]
+    if group is None:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total, group=group)
+    return x + (total - x.detach())
+
+
+def shift(labels_BS: torch.Tensor) -> torch.Tensor:
+    """targets[:, i] = labels[:, i+1] (the token position i predicts); the last position has none."""
+    out = torch.full_like(labels_BS, IGNORE_INDEX)
+    out[:, :-1] = labels_BS[:, 1:]
+    return out
+
+
+def shard(batch: dict, rank: int, size: int, pad_id: int) -> dict:
+    """This rank's 1/size of every row of a micro-batch `(B, S)`, with `targets` (shifted labels) in place
+    of `labels` (and `target_segment` in place of DPO's `segment`). Rows are right-padded to a multiple of
+    `size`: padding is input `pad_id`, no target, masked out of the router losses, positions continuing
+    the row's last (so it never joins a document that comes before it)."""
+    out = dict(batch)
+    out["targets"] = shift(out.pop("labels"))
+    if "segment" in out:
+        out["target_segment"] = shift(out.pop("segment"))
+    S = out["input_ids"].shape[1]
+    pad = -S % size
+    if pad:
+        last = out["position_ids"][:, -1:]
+        fill = {"input_ids": pad_id, "targets": IGNORE_INDEX, "target_segment": 0, "real_mask": False,
+                "router_mask": False}
+        for k, v in out.items():
+            if k == "position_ids":
+                out[k] = torch.cat([v, last + torch.arange(1, pad + 1, dtype=v.dtype)], 1)
+            else:
+                out[k] = torch.cat([v, torch.full((v.shape[0], pad), fill[k], dtype=v.dtype)], 1)
+    n = (S + pad) // size
+    return {k: v[:, rank * n:(rank + 1) * n].contiguous() for k, v in out.items()}
