@@ -32,6 +32,8 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None
     gas = cfg.global_batch_size // (cfg.micro_batch_size * (world_size // sp))
     if sp > 1:  # DeepSpeed's batch check then counts data-parallel groups, not ranks
         ds["sequence_parallel_size"] = sp
+        if ds.get("zero_optimization", {}).get("stage") == 3:  # one averaging path: model/sequence_parallel.py
+            ds["zero_optimization"]["reduce_scatter"] = True
     ds["train_batch_size"] = cfg.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     ds["gradient_accumulation_steps"] = gas

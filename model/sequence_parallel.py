@@ -56,6 +56,17 @@ def setup(model, size: int, micro_batch_size: int):
     return mpu
 
 
+def gradient_factor(zero_stage: int, size: int) -> int:
+    """What a rank's loss is multiplied by before backward so that its gradient arrives whole.
+
+    DeepSpeed divides the reduced gradients by the number of data-parallel groups (world / N) at ZeRO
+    0-2 and in ZeRO-3's all-reduce path, but ZeRO-3's default reduce-scatter path
+    (`reduce_scatter_coalesced`, deepspeed 0.19.8) divides by the whole world: 1/N too small. Measured
+    (tests/distributed/test_sequence_parallel.py): without this factor a ZeRO-3 SP=2 step has half the
+    1-rank gradient norm; with it, the same norm and losses. `deepspeed_config` keeps ZeRO-3 on that path."""
+    return size if zero_stage == 3 else 1
+
+
 def group_sum(x: torch.Tensor, group=None) -> torch.Tensor:
     """Σ of `x` over the ranks of `group` (default: the sequence-parallel group; identity without one).
     The value is the group's sum, the gradient flows to this rank's `x` only: summed over the group by

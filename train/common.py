@@ -47,6 +47,7 @@ class Run:
     out: Path
     gas: int
     sp: int = 1                       # sequence_parallel_size: consecutive ranks sharing each row
+    grad_factor: int = 1              # the loss is multiplied by it before backward (sequence_parallel.gradient_factor)
     memory: PhaseMemory | None = None
     model_config: Any = None          # the MixtralConfig trained (model_path's config.json, or the preset)
     data_report: Any = None           # rank 0: the training data's DataReport (for the model card)
@@ -233,6 +234,7 @@ def build_engine(cfg, model, run: Run):
         return made[-1]
 
     mpu = sequence_parallel.setup(model, run.sp, cfg.micro_batch_size)
+    run.grad_factor = sequence_parallel.gradient_factor(zero_stage(ds), run.sp)
     with fp32_master_shared():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=mpu,
                                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))

@@ -106,7 +106,7 @@ def main(cfg) -> None:
             loss = (pref + cfg.dpo.sft_weight * nll) * (run.gas * run.dp) \
                 + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
             loss = guard.watch(loss, step + 1)  # a non-finite loss makes every rank skip this step
-            engine.backward(loss)
+            engine.backward(loss * run.grad_factor)  # 1 but under ZeRO-3 + sequence parallelism
             engine.step()
             sums += torch.tensor([losses.sum().item(), r_chosen.sum().item(), r_rejected.sum().item(),
                                   (r_chosen > r_rejected).float().sum().item(), pol_c.sum().item(),

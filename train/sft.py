@@ -69,7 +69,7 @@ def main(cfg) -> None:
             # `ce` is already this micro-batch's share of the global mean, so scale it back by both.
             loss = ce * (run.gas * run.dp) + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
             loss = guard.watch(loss, step + 1)  # a non-finite loss makes every rank skip this step
-            engine.backward(loss)
+            engine.backward(loss * run.grad_factor)  # 1 but under ZeRO-3 + sequence parallelism
             engine.step()
             ce_total += ce.item()
             aux_total += aux.item() / run.gas
