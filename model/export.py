@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from model import sequence_parallel
 from model.weights import to_hub
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(w1|w2|w3)$")
@@ -227,7 +228,10 @@ def live_probe(engine, seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     was_training = engine.module.training
     engine.eval()
     with torch.no_grad():
-        live = engine(input_ids=ids.to(engine.device), use_cache=False).logits.float().cpu()
+        if sequence_parallel.GROUP[0] is None:
+            live = engine(input_ids=ids.to(engine.device), use_cache=False).logits.float().cpu()
+        else:  # each rank holds a shard of every row
+            live = sequence_parallel.whole_row_logits(engine, ids.to(engine.device)).float().cpu()
     engine.train(was_training)
     release_zero3_params(engine)
     return ids, live

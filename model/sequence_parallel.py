@@ -92,7 +92,8 @@ def shard(batch: dict, rank: int, size: int, pad_id: int) -> dict:
     `size`: padding is input `pad_id`, no target, masked out of the router losses, positions continuing
     the row's last (so it never joins a document that comes before it)."""
     out = dict(batch)
-    out["targets"] = shift(out.pop("labels"))
+    if "labels" in out:
+        out["targets"] = shift(out.pop("labels"))
     if "segment" in out:
         out["target_segment"] = shift(out.pop("segment"))
     S = out["input_ids"].shape[1]
@@ -108,3 +109,16 @@ def shard(batch: dict, rank: int, size: int, pad_id: int) -> dict:
                 out[k] = torch.cat([v, torch.full((v.shape[0], pad), fill[k], dtype=v.dtype)], 1)
     n = (S + pad) // size
     return {k: v[:, rank * n:(rank + 1) * n].contiguous() for k, v in out.items()}
+
+
+def whole_row_logits(model, input_ids_BS: torch.Tensor) -> torch.Tensor:
+    """`(B, S, V)` logits of unpacked rows (positions 0..S-1) under a sequence-parallel model: every rank
+    of the group passes the same rows, runs its shard, and gets the whole rows' logits back."""
+    size = dist.get_world_size(GROUP[0])
+    S = input_ids_BS.shape[1]
+    position_ids = torch.arange(S, device=input_ids_BS.device).expand_as(input_ids_BS)
+    b = shard({"input_ids": input_ids_BS, "position_ids": position_ids}, dist.get_rank(GROUP[0]), size, pad_id=0)
+    logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits.contiguous()
+    parts = [torch.empty_like(logits) for _ in range(size)]
+    dist.all_gather(parts, logits, group=GROUP[0])
+    return torch.cat(parts, 1)[:, :S]
