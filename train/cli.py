@@ -42,6 +42,17 @@ def recipes() -> list[str]:
                   if not p.name.startswith("_"))
 
 
+def recipe_stage(recipe: str) -> str:
+    """The stage a recipe is for: the `train/<stage>.py` its header's usage line runs, else its name's first
+    word (recipes/tiny/sft.yaml, recipes/mixtral_8x7b/sft_lora.yaml)."""
+    import re
+
+    path = RECIPE_DIR / f"{recipe}.yaml"
+    header = path.read_text() if path.is_file() else ""
+    m = re.search(r"train/(pretrain|sft|dpo)\.py", "\n".join(l for l in header.splitlines() if l.startswith("#")))
+    return m.group(1) if m else Path(recipe).name.split("_")[0]
+
+
 def _close(word: str, options) -> str:
     match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return f"; did you mean {match[0]}?" if match else ""

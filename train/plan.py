@@ -70,15 +70,17 @@ def plan(cfg, gpus: int, gpu_memory_gb: float, host_memory_gb: float, nodes: int
     layouts = [("recipe", layout_of(cfg, gpus, DTYPES[dtype_bytes]))]
     for world in (gpus, 2 * gpus):
         for stage in (2, 3):
-            # (LoRA with expert parallelism is refused: train/config.py)
+            # (LoRA or sequence parallelism with expert parallelism is refused: train/config.py)
             for ep in [e for e in (1, 2, 4, 8, 16) if config.num_local_experts % e == 0 and world % e == 0
-                       and (e == 1 or not cfg.lora.enabled)]:
+                       and (e == 1 or not (cfg.lora.enabled or cfg.sequence_parallel_size > 1))]:
                 for offload in (False, True):
                     layouts.append(("", Layout(world=world, zero_stage=stage, ep_size=ep, offload_optimizer=offload, **base)))
     size = (lambda n: f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M")
     lines = [f"model: {source}: {size(counts['total'])} parameters ({size(counts['experts'])} in experts); "
              f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'}, {cfg.optim.name}, {8 * dtype_bytes}-bit weights; "
-             f"micro-batch {cfg.micro_batch_size} × {cfg.max_seq_len} tokens{' × 2 (chosen, rejected)' if cfg.stage == 'dpo' else ''}, "
+             f"micro-batch {cfg.micro_batch_size} × {cfg.max_seq_len} tokens{' × 2 (chosen, rejected)' if cfg.stage == 'dpo' else ''}"
+             + (f" shared by {cfg.sequence_parallel_size} sequence-parallel ranks ({tokens} tokens per rank)"
+                if cfg.sequence_parallel_size > 1 else "") + ", "
              f"gradient checkpointing {'on' if ckpt else 'off'}",
              f"hardware: {gpus} GPUs × {gpu_memory_gb:g} GB on {nodes} node(s), {host_memory_gb:g} GB host memory per node",
              "per rank, GB:",
@@ -109,7 +111,7 @@ def plan(cfg, gpus: int, gpu_memory_gb: float, host_memory_gb: float, nodes: int
 
 def main(argv: list[str]) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # config.json from the cache, never a download (before any hub import)
-    from train.cli import compose_strict, fail, recipes
+    from train.cli import compose_strict, fail, recipe_stage, recipes
     from train.config import DPOStageConfig, PretrainConfig, SFTConfig
 
     hardware = dict(HARDWARE)
@@ -126,7 +128,7 @@ def main(argv: list[str]) -> None:
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
     if recipe is None:
         fail(f"recipe= is required (one of {', '.join(recipes())})")
-    stage = Path(recipe).name.split("_")[0]
+    stage = recipe_stage(recipe)
     schema = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOStageConfig}.get(stage, SFTConfig)
     try:
         cfg = compose_strict(stage if stage in ("pretrain", "sft", "dpo") else "sft", overrides, schema)
@@ -142,9 +144,10 @@ if __name__ == "__main__":
 
 def recipe_line(recipe: str, gpus: int, nodes: int, gpu_memory_gb: float = 80.0) -> str:
     """The planner's line a recipe header quotes (tests/unit/test_plan.py keeps the headers in sync)."""
+    from train.cli import recipe_stage
     from train.config import compose
 
-    stage = Path(recipe).name.split("_")[0]
+    stage = recipe_stage(recipe)
     cfg = compose(stage, [f"recipe={recipe}", "model_path=null"])
     config, _ = model_config(cfg)
     r = row(config, layout_of(cfg, gpus, DTYPES[2]), tokens_per_micro_batch(cfg), bool(cfg.model.gradient_checkpointing))

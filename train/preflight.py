@@ -39,8 +39,10 @@ def layout_of(cfg, world: int, dtype: torch.dtype) -> Layout:
 
 
 def tokens_per_micro_batch(cfg) -> int:
-    """Tokens one rank runs forward at once (a DPO row holds the chosen and the rejected answer)."""
-    return cfg.micro_batch_size * cfg.max_seq_len * (2 if cfg.stage == "dpo" else 1)
+    """Tokens one rank runs forward at once (a DPO row holds the chosen and the rejected answer; with
+    sequence parallelism a rank holds 1/sequence_parallel_size of each row)."""
+    sp = cfg.get("sequence_parallel_size", 1)
+    return cfg.micro_batch_size * -(-cfg.max_seq_len * (2 if cfg.stage == "dpo" else 1) // sp)
 
 
 def model_config_of(cfg):

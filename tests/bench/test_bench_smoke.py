@@ -23,6 +23,7 @@ CASES = {
     "load_memory.py": (["--hidden", "128", "--ffn", "256", "--layers", "2", "--ranks", "2", "--only",
                         "ZeRO-3 + EP 2, SGD"], "largest |measured / expected - 1|"),
     "dpo_reference_memory.py": (["--model", "tiny", "--steps", "3"], "dpo live/precomputed peak RSS"),
+    "long_context_memory.py": (["--model", "tiny", "--lengths", "256", "1024"], "sp2 / 1-rank activation at 1024 tokens"),
 }
 
 

@@ -6,6 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from train.cli import recipe_stage
 from train.config import ConfigError, compose, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +19,7 @@ DESIGN_KEYS = ["output_dir", "max_steps", "seed", "model_path", "model", "deepsp
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_composes_and_validates(recipe):
-    stage = Path(recipe).name.split("_")[0]
+    stage = recipe_stage(recipe)
     cfg = compose(stage, [f"recipe={recipe}"] + (["model_path=org/sft-model"] if stage == "dpo" else []))
     validate(cfg)  # DPO recipes take the SFT export on the command line (model_path is required)
     assert cfg.stage == stage
@@ -64,6 +65,11 @@ def _error_text(overrides, world_size=None):
         (["data.synthetic_passkey_share=1.5"], None, "data.synthetic_passkey_share=1.5"),
         (["data.synthetic_passkey_filler=-1"], None, "data.synthetic_passkey_filler=-1"),
         (["optim.schedule=wsd", "optim.decay_fraction=0"], None, "optim.decay_fraction=0"),
+        (["sequence_parallel_size=0"], None, "sequence_parallel_size"),
+        (["sequence_parallel_size=8"], None, "must divide model.num_attention_heads=4"),
+        (["sequence_parallel_size=2"], 3, "sequence_parallel_size=2 does not divide the world size 3"),
+        (["sequence_parallel_size=2", "global_batch_size=2", "micro_batch_size=2"], 4,
+         "micro_batch_size × data-parallel groups (world size / sequence_parallel_size 2) = 2 × 2 = 4"),
     ],
 )
 def test_config_errors_name_the_key(overrides, world_size, needle):

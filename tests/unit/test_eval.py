@@ -70,6 +70,25 @@ def test_passkey_grid_writes_files(tiny, tmp_path):
     assert result["accuracy"] == sum(c["correct"] for c in result["cells"]) / 12
 
 
+def test_passkey_at_the_model_length_never_holds_a_prompts_logits(tiny, tmp_path):
+    """A passkey cell at the model's max_position_embeddings (2048 for tiny): generation computes the LM head
+    for the last position of each prompt only (transformers' logits_to_keep), never (B, L, V) logits."""
+    model, tok = tiny
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        L = model.config.max_position_embeddings
+        cfg = OmegaConf.merge(OmegaConf.structured(PasskeyConfig), {"model_path": "tiny", "lengths": [L],
+                                                                     "depths": [0.5], "trials": 2, "max_new_tokens": 3})
+        result = passkey.evaluate(model, tok, cfg, tmp_path, progress=False)
+    finally:
+        hook.remove()
+    assert result["cells"][0]["prompt_tokens"] > L - 40
+    assert shapes and all(s[1] == 1 for s in shapes), shapes[:3]
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        passkey.evaluate(model, tok, OmegaConf.merge(cfg, {"lengths": [2 * L]}), tmp_path, progress=False)
+
+
 def test_rating_parse():
     assert mt_bench.parse_rating("Rating: [[7]]") == 7.0
     assert mt_bench.parse_rating("I give it [8.5] overall") == 8.5

@@ -1,0 +1,90 @@
+"""Peak memory of one training step against row length, one rank against sequence parallelism.
+
+    python bench/long_context_memory.py                         # small preset, 1k-8k tokens (~10 min on 2 cores)
+    python bench/long_context_memory.py --model tiny --lengths 256 512 1024   # the CI smoke run
+
+Each point runs 2 optimizer steps of continued pretraining (`train/pretrain.py`, ZeRO-1, fp32, no
+gradient checkpointing, micro-batch 1 = one row) on one long document: the C4 demo texts of
+../shared/data joined into one, cut into rows of exactly L tokens (so attention spans the whole row).
+Once on 1 rank, once on 2 ranks with `sequence_parallel_size=2` (each rank holds L/2 tokens of the row).
+
+    peak(L)        = max over ranks of (peak RSS of step 2 − RSS when loading began)   (memory.json; from step 2
+                     on the optimizer's states exist, so everything but the activations is the same at every L)
+    activation(L)  = peak(L) − peak(L_min)      the part that grows with the row
+
+The runs set MIXTRAL_TUNE_MMAP_THRESHOLD=131072 (train/memory_log.py) so RSS follows allocations. Goals
+(issue: long context): activation(SP 2) ≤ 0.6 × activation(1 rank) at the longest row, and activation
+per token per rank flat across lengths (linear growth: no (L × L) score matrix and no (L × V) logits,
+model/attention.py and model/losses.py). The last line is activation(SP 2) / activation(1 rank) at the
+longest row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import REPO, SHARED  # noqa: E402
+
+
+def long_document(folder: Path) -> Path:
+    texts = [json.loads(line)["text"] for line in (SHARED / "llama_factory_demo" / "c4_demo.jsonl").open()]
+    path = folder / "long.jsonl"
+    path.write_text(json.dumps({"text": "\n\n".join(texts)}) + "\n")
+    return path
+
+
+def peak_bytes(ranks: int, overrides: list[str], out: Path) -> float:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           str(REPO / "train" / "pretrain.py"), f"output_dir={out}", "overwrite=true", *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MIXTRAL_TUNE_MMAP_THRESHOLD": "131072"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    phases = json.loads((out / "memory.json").read_text())
+    base = phases["load"]["start_rss_bytes"]
+    return max(phases["later_steps"]["peak_rss_bytes"][r] - base[r] for r in range(ranks))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    a = ap.parse_args()
+    lengths = sorted(a.lengths)
+    mb = 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        data = long_document(Path(tmp))
+        common = ["recipe=tiny/pretrain", f"model={a.model}", f"data.path={data}", "data.format=text",
+                  "data.overlong=truncate", "max_steps=2", "global_batch_size=1", "micro_batch_size=1",
+                  "deepspeed=zero1", "export=false", "logging=none", "optim.warmup_steps=0",
+                  f"model.max_position_embeddings={max(lengths)}"]
+        peaks = {}
+        for n in lengths:
+            for name, ranks, extra in (("1 rank", 1, []), ("SP 2", 2, ["sequence_parallel_size=2"])):
+                peaks[name, n] = peak_bytes(ranks, [*common, f"max_seq_len={n}", *extra], Path(tmp) / "run")
+                print(f"  measured {name:6s} {n:6d} tokens: {peaks[name, n] / mb:7.0f} MB", file=sys.stderr, flush=True)
+    base = lengths[0]
+    print(f"{'tokens':>7s} {'1 rank: peak':>13s} {'activation':>11s} {'per 1k tok':>11s} "
+          f"{'SP 2: peak':>11s} {'activation':>11s} {'per 1k tok/rank':>16s} {'SP2/1':>6s}")
+    for n in lengths:
+        act1 = peaks["1 rank", n] - peaks["1 rank", base]
+        act2 = peaks["SP 2", n] - peaks["SP 2", base]
+        grown = n - base
+        print(f"{n:7d} {peaks['1 rank', n] / mb:10.0f} MB {act1 / mb:8.0f} MB "
+              f"{(act1 / mb / grown * 1000) if grown else float('nan'):8.1f} MB {peaks['SP 2', n] / mb:8.0f} MB "
+              f"{act2 / mb:8.0f} MB {(act2 / mb / (grown / 2) * 1000) if grown else float('nan'):13.1f} MB "
+              f"{(act2 / act1) if grown else float('nan'):6.2f}")
+    top = lengths[-1]
+    ratio = (peaks["SP 2", top] - peaks["SP 2", base]) / (peaks["1 rank", top] - peaks["1 rank", base])
+    print(f"sp2 / 1-rank activation at {top} tokens: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
