@@ -19,7 +19,8 @@ from model.weights import Checkpoint
 from model import attention, experts  # register the "packed_sdpa" attention and "sorted_grouped_mm" expert kernels
 
 # Preset keys that are about how to build, not part of MixtralConfig.
-BUILD_KEYS = ("name", "attn_implementation", "experts_implementation", "gradient_checkpointing")
+BUILD_KEYS = ("name", "attn_implementation", "experts_implementation", "gradient_checkpointing",
+              "rope_theta_override", "max_position_embeddings_override")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -56,7 +57,7 @@ def model_config(preset: Mapping, model_path: str | Path | None = None) -> Mixtr
     """The architecture: `model_path`'s config.json when given (read as a Mixtral config, never as
     remote code; for a hub name only config.json is fetched), else the preset."""
     if model_path is None:
-        return mixtral_config(preset)
+        return _extended(mixtral_config(preset), preset)
     folder = Path(model_path).expanduser()
     if folder.is_dir():
         path = folder / "config.json"
@@ -69,7 +70,18 @@ def model_config(preset: Mapping, model_path: str | Path | None = None) -> Mixtr
     model_type = json.loads(path.read_text()).get("model_type")
     if model_type != "mixtral":
         raise ValueError(f"model_path={model_path}: model_type is {model_type!r}, expected 'mixtral'")
-    return MixtralConfig.from_json_file(str(path))
+    return _extended(MixtralConfig.from_json_file(str(path)), preset)
+
+
+def _extended(config: MixtralConfig, preset: Mapping) -> MixtralConfig:
+    """Context extension: the preset's `rope_theta_override` / `max_position_embeddings_override` replace
+    the architecture's (a `model_path`'s config.json included; the export then carries the new values)."""
+    theta, positions = preset.get("rope_theta_override"), preset.get("max_position_embeddings_override")
+    if theta is not None:
+        config.rope_parameters = {**(config.rope_parameters or {"rope_type": "default"}), "rope_theta": float(theta)}
+    if positions is not None:
+        config.max_position_embeddings = int(positions)
+    return config
 
 
 def build_model(

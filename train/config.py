@@ -36,6 +36,10 @@ class ModelConfig:
     num_experts_per_tok: int = 2
     max_position_embeddings: int = 32768
     rope_theta: float = 1e6
+    # Context extension (continued pretraining at a longer length): replace the architecture's values, a
+    # model_path's config.json included (the preset's own keys above apply only without model_path).
+    rope_theta_override: Optional[float] = None
+    max_position_embeddings_override: Optional[int] = None
     rms_norm_eps: float = 1e-5
     sliding_window: Optional[int] = None
     router_jitter_noise: float = 0.0
@@ -234,8 +238,9 @@ def validate(cfg, world_size: int | None = None) -> None:
     if m.num_attention_heads % m.num_key_value_heads:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
                           f"model.num_key_value_heads={m.num_key_value_heads}")
-    if cfg.max_seq_len > m.max_position_embeddings:
-        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    positions = m.max_position_embeddings_override or m.max_position_embeddings
+    if cfg.model_path is None and cfg.max_seq_len > positions:  # with model_path: its config.json's (train/preflight.py)
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={positions}")
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
     _one_of("model.attn_implementation", m.attn_implementation, ("packed_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"))
     _one_of("model.experts_implementation", m.experts_implementation, ("sorted_grouped_mm", "grouped_mm", "batched_mm", "eager"))

@@ -65,6 +65,10 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
     source = f"model_path={cfg.model_path}" if cfg.model_path else f"model={cfg.model.name}"
     if experts % ep:
         raise ConfigError(f"expert_parallel_size={ep} does not divide num_local_experts={experts} of {source}")
+    if cfg.max_seq_len > config.max_position_embeddings:
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds max_position_embeddings={config.max_position_embeddings} "
+                          f"of {source}; to train longer rows set model.max_position_embeddings_override (and usually "
+                          f"model.rope_theta_override)")
     if local_world > 0 and world > local_world and local_world % ep and ep % local_world:
         raise ConfigError(f"expert_parallel_size={ep} with {local_world} ranks per node: expert-parallel groups are "
                           f"consecutive ranks, so they must fit within a node (divide {local_world}) or span whole "

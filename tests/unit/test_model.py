@@ -167,3 +167,31 @@ def test_loss_head_returns_the_cross_entropy_of_the_logits(tiny_preset, tied):
     assert total.dim() == 0 and head.labels_BS is None
     torch.testing.assert_close(total, want, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(total, weight)[0], want_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_context_extension_overrides_a_model_paths_config(tiny_preset, tmp_path):
+    """model.rope_theta_override / max_position_embeddings_override replace a loaded folder's config.json values
+    (RoPE frequencies follow θ: inv_freq_i = θ^(−2i/d)); without them the folder's values stand, and a
+    max_seq_len beyond the folder's max_position_embeddings is refused naming the override key."""
+    from train.config import ConfigError
+    from train.preflight import model_config_of, check
+
+    build_model(tiny_preset, seed=0).save_pretrained(tmp_path)
+    plain = build_model(tiny_preset, model_path=tmp_path)
+    assert plain.config.rope_parameters["rope_theta"] == 1e6 and plain.config.max_position_embeddings == 2048
+    extended = build_model({**tiny_preset, "rope_theta_override": 5e6, "max_position_embeddings_override": 8192},
+                           model_path=tmp_path)
+    assert extended.config.rope_parameters["rope_theta"] == 5e6 and extended.config.max_position_embeddings == 8192
+    d = extended.config.hidden_size // extended.config.num_attention_heads
+    expected = 5e6 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    torch.testing.assert_close(extended.model.rotary_emb.inv_freq.double(), expected, rtol=1e-6, atol=0)
+    ids = torch.arange(3, 67)[None]
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, extended(ids).logits)
+    cfg = compose("pretrain", ["recipe=tiny/pretrain", f"model_path={tmp_path}", "max_seq_len=4096"])
+    with pytest.raises(ConfigError, match="max_position_embeddings_override"):
+        check(cfg, 1, 1, torch.float32)
+    cfg = compose("pretrain", ["recipe=tiny/pretrain", f"model_path={tmp_path}", "max_seq_len=4096",
+                               "model.max_position_embeddings_override=8192"])
+    assert model_config_of(cfg).max_position_embeddings == 8192
+    check(cfg, 1, 1, torch.float32)
