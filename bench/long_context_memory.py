@@ -6,7 +6,8 @@
 Each point runs 2 optimizer steps of continued pretraining (`train/pretrain.py`, ZeRO-1, fp32, no
 gradient checkpointing, micro-batch 1 = one row) on one long document: the C4 demo texts of
 ../shared/data joined into one, cut into rows of exactly L tokens (so attention spans the whole row).
-Once on 1 rank, once on 2 ranks with `sequence_parallel_size=2` (each rank holds L/2 tokens of the row).
+Once on 1 rank, once on 2 ranks with `sequence_parallel_size=2` (each rank holds L/2 tokens of the row), and
+once more with the experts in tiles of 256 tokens (`model.tiled_mlp_tokens=256`, model/tiled_moe.py).
 
     peak(L)        = max over ranks of (peak RSS of step 2 − RSS when loading began)   (memory.json; from step 2
                      on the optimizer's states exist, so everything but the activations is the same at every L)
@@ -31,6 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import REPO, SHARED  # noqa: E402
+
+
+LAYOUTS = (("1 rank", 1, []), ("SP 2", 2, ["sequence_parallel_size=2"]),
+           ("SP 2 + tiles", 2, ["sequence_parallel_size=2", "model.tiled_mlp_tokens=256"]))
 
 
 def long_document(folder: Path) -> Path:
@@ -67,20 +72,20 @@ def main() -> None:
                   f"model.max_position_embeddings={max(lengths)}"]
         peaks = {}
         for n in lengths:
-            for name, ranks, extra in (("1 rank", 1, []), ("SP 2", 2, ["sequence_parallel_size=2"])):
+            for name, ranks, extra in LAYOUTS:
                 peaks[name, n] = peak_bytes(ranks, [*common, f"max_seq_len={n}", *extra], Path(tmp) / "run")
                 print(f"  measured {name:6s} {n:6d} tokens: {peaks[name, n] / mb:7.0f} MB", file=sys.stderr, flush=True)
     base = lengths[0]
-    print(f"{'tokens':>7s} {'1 rank: peak':>13s} {'activation':>11s} {'per 1k tok':>11s} "
-          f"{'SP 2: peak':>11s} {'activation':>11s} {'per 1k tok/rank':>16s} {'SP2/1':>6s}")
+    print(f"{'tokens':>7s}" + "".join(f" {name + ': peak':>19s} {'activation':>11s} {'per 1k tok/rank':>16s}"
+                                      for name, _, _ in LAYOUTS) + f" {'SP2/1':>6s}")
     for n in lengths:
-        act1 = peaks["1 rank", n] - peaks["1 rank", base]
-        act2 = peaks["SP 2", n] - peaks["SP 2", base]
-        grown = n - base
-        print(f"{n:7d} {peaks['1 rank', n] / mb:10.0f} MB {act1 / mb:8.0f} MB "
-              f"{(act1 / mb / grown * 1000) if grown else float('nan'):8.1f} MB {peaks['SP 2', n] / mb:8.0f} MB "
-              f"{act2 / mb:8.0f} MB {(act2 / mb / (grown / 2) * 1000) if grown else float('nan'):13.1f} MB "
-              f"{(act2 / act1) if grown else float('nan'):6.2f}")
+        act = {name: peaks[name, n] - peaks[name, base] for name, _, _ in LAYOUTS}
+        cells = ""
+        for name, ranks, _ in LAYOUTS:
+            per = act[name] / mb / ((n - base) / ranks) * 1000 if n > base else float("nan")
+            cells += f" {peaks[name, n] / mb:16.0f} MB {act[name] / mb:8.0f} MB {per:13.1f} MB"
+        ratio = act["SP 2"] / act["1 rank"] if n > base else float("nan")
+        print(f"{n:7d}{cells} {ratio:6.2f}")
     top = lengths[-1]
     ratio = (peaks["SP 2", top] - peaks["SP 2", base]) / (peaks["1 rank", top] - peaks["1 rank", base])
     print(f"sp2 / 1-rank activation at {top} tokens: {ratio:.2f}")

@@ -16,11 +16,12 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from model.load import Placement, load_checkpoint, skeleton, stream_init
 from model.weights import Checkpoint
+from model.tiled_moe import tile_moe_blocks
 from model import attention, experts  # register the "packed_sdpa" attention and "sorted_grouped_mm" expert kernels
 
 # Preset keys that are about how to build, not part of MixtralConfig.
 BUILD_KEYS = ("name", "attn_implementation", "experts_implementation", "gradient_checkpointing",
-              "rope_theta_override", "max_position_embeddings_override")
+              "rope_theta_override", "max_position_embeddings_override", "tiled_mlp_tokens")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -125,6 +126,8 @@ def build_model(
     else:
         stream_init(model, 0 if seed is None else seed, dtype, placement)
     model.config._experts_implementation = preset.get("experts_implementation", experts.NAME)
+    if preset.get("tiled_mlp_tokens"):  # the experts in sequence tiles (model/tiled_moe.py)
+        tile_moe_blocks(model, int(preset["tiled_mlp_tokens"]))
     if gradient_checkpointing if gradient_checkpointing is not None else preset.get("gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -52,6 +52,7 @@ class ModelConfig:
     attn_implementation: str = "packed_sdpa"  # packed_sdpa (model/attention.py) | sdpa | eager | flash_attention_2 | flex_attention
     experts_implementation: str = "sorted_grouped_mm"  # sorted_grouped_mm (model/experts.py) | grouped_mm | batched_mm | eager
     gradient_checkpointing: bool = False
+    tiled_mlp_tokens: int = 0         # > 0: MoE experts run in tiles of this many tokens (model/tiled_moe.py)
 
 
 @dataclass
@@ -303,6 +304,11 @@ def validate(cfg, world_size: int | None = None) -> None:
         if not cfg.model_path and not cfg.allow_random_init:
             raise ConfigError("model_path is required: DPO aligns a trained model (e.g. model_path=outputs/sft/hf, an SFT "
                               "export, or a hub name); allow_random_init=true runs it on a randomly initialised preset")
+    if m.tiled_mlp_tokens < 0:
+        raise ConfigError(f"model.tiled_mlp_tokens={m.tiled_mlp_tokens}: expected 0 (off) or a tile size in tokens")
+    if m.tiled_mlp_tokens and cfg.expert_parallel_size > 1:
+        raise ConfigError(f"model.tiled_mlp_tokens={m.tiled_mlp_tokens} with expert_parallel_size={cfg.expert_parallel_size}: "
+                          "AutoEP replaces the MoE blocks with its own all-to-all layers, which do not tile")
     sp = cfg.sequence_parallel_size
     if sp > 1:
         if cfg.expert_parallel_size > 1:

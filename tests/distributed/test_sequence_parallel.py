@@ -5,7 +5,8 @@ Each case runs the same 3 steps (router load-balancing and z-losses on, AdamW, g
 ZeRO-1 rank and with `sequence_parallel_size=2`; losses, router terms and gradient norms must agree to
 1e-4 relative, and the token counts exactly (every token counted once across the shards). The packed
 rows' documents straddle the shard borders; the stage's export check (live logits gathered from the
-shards against the exported folder's) runs too.
+shards against the exported folder's) runs too. Two cases also run the experts in tiles (model/tiled_moe.py)
+against the 1-rank untiled baseline.
 """
 
 import json
@@ -29,7 +30,9 @@ KEYS = {"pretrain": ("loss", "ce", "aux", "z", "grad_norm"), "sft": ("loss", "ce
         "dpo": ("loss", "dpo", "nll", "aux", "z", "logps/chosen", "logps/rejected", "grad_norm")}
 CASES = {  # name: (stage, ranks, overrides)
     "sft_zero2": ("sft", 2, ["deepspeed=zero2"]),
-    "pretrain_zero3_checkpointing": ("pretrain", 2, ["deepspeed=zero3", "model.gradient_checkpointing=true"]),
+    "sft_zero2_tiled_experts": ("sft", 2, ["deepspeed=zero2", "model.tiled_mlp_tokens=64"]),
+    "pretrain_zero3_checkpointing_tiled": ("pretrain", 2, ["deepspeed=zero3", "model.gradient_checkpointing=true",
+                                                            "model.tiled_mlp_tokens=48"]),
     "dpo_zero2": ("dpo", 2, ["deepspeed=zero2"]),
     "dpo_zero3_live_reference": ("dpo", 2, ["deepspeed=zero3", "dpo.reference=live"]),
 }
