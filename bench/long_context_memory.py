@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import REPO, SHARED  # noqa: E402
+from bench._common import SHARED, peak_above_load  # noqa: E402
 
 
 LAYOUTS = (("1 rank", 1, []), ("SP 2", 2, ["sequence_parallel_size=2"]),
@@ -46,15 +44,7 @@ def long_document(folder: Path) -> Path:
 
 
 def peak_bytes(ranks: int, overrides: list[str], out: Path) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           str(REPO / "train" / "pretrain.py"), f"output_dir={out}", "overwrite=true", *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MIXTRAL_TUNE_MMAP_THRESHOLD": "131072"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    phases = json.loads((out / "memory.json").read_text())
-    base = phases["load"]["start_rss_bytes"]
-    return max(phases["later_steps"]["peak_rss_bytes"][r] - base[r] for r in range(ranks))
+    return peak_above_load("pretrain", ranks, overrides, out, ("later_steps",))
 
 
 def main() -> None:

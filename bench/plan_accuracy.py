@@ -29,15 +29,12 @@ planned / measured within ±20%; the last line is the largest |planned / measure
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import REPO  # noqa: E402
+from bench._common import peak_above_load  # noqa: E402
 
 COMMON = ["data.synthetic_samples=64", "max_steps=3", "export=false", "logging=none", "optim.name=adamw",
           "optim.warmup_steps=0", "router.aux_loss_coef=0.01"]
@@ -77,16 +74,7 @@ def planned_bytes(stage: str, ranks: int, overrides: list[str]) -> float:
 
 
 def measured_bytes(stage: str, ranks: int, overrides: list[str], out: Path) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           str(REPO / "train" / f"{stage}.py"), f"output_dir={out}", "overwrite=true", *COMMON, *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MIXTRAL_TUNE_MMAP_THRESHOLD": "131072"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    phases = json.loads((out / "memory.json").read_text())
-    base = phases["load"]["start_rss_bytes"]
-    return max(max(phases[p]["peak_rss_bytes"][r] for p in ("engine", "first_step", "later_steps")) - base[r]
-               for r in range(ranks))
+    return peak_above_load(stage, ranks, [*COMMON, *overrides], out, ("engine", "first_step", "later_steps"))
 
 
 def measure(names: list[str]) -> list[dict]:
