@@ -323,9 +323,6 @@ def validate(cfg, world_size: int | None = None) -> None:
             raise ConfigError(f"sequence_parallel_size={sp} with model.attn_implementation={m.attn_implementation}: "
                               "the sequence-parallel attention drops the packed-document mask and keeps documents apart "
                               "by position_ids only; use packed_sdpa (default) or flash_attention_2")
-        if cfg.lora.enabled:
-            raise ConfigError(f"sequence_parallel_size={sp} with lora.enabled=true: not supported yet (the adapters' "
-                              "reference pass in DPO and the merge are untested under sequence parallelism)")
     if world_size is not None:
         if world_size % sp:
             raise ConfigError(f"sequence_parallel_size={sp} does not divide the world size {world_size} "

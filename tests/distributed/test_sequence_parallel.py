@@ -6,7 +6,8 @@ ZeRO-1 rank and with `sequence_parallel_size=2`; losses, router terms and gradie
 1e-4 relative, and the token counts exactly (every token counted once across the shards). The packed
 rows' documents straddle the shard borders; the stage's export check (live logits gathered from the
 shards against the exported folder's) runs too. Two cases also run the experts in tiles (model/tiled_moe.py)
-against the 1-rank untiled baseline.
+against the 1-rank untiled baseline; two train LoRA adapters (attention under ZeRO-3; attention and experts
+with DPO's adapters-off reference under ZeRO-2).
 """
 
 import json
@@ -28,17 +29,20 @@ STAGE = {
 }
 KEYS = {"pretrain": ("loss", "ce", "aux", "z", "grad_norm"), "sft": ("loss", "ce", "aux", "z", "grad_norm"),
         "dpo": ("loss", "dpo", "nll", "aux", "z", "logps/chosen", "logps/rejected", "grad_norm")}
-CASES = {  # name: (stage, ranks, overrides)
-    "sft_zero2": ("sft", 2, ["deepspeed=zero2"]),
-    "sft_zero2_tiled_experts": ("sft", 2, ["deepspeed=zero2", "model.tiled_mlp_tokens=64"]),
+CASES = {  # name: (stage, ranks, layout overrides, overrides the 1-rank baseline shares)
+    "sft_zero2": ("sft", 2, ["deepspeed=zero2"], []),
+    "sft_zero2_tiled_experts": ("sft", 2, ["deepspeed=zero2", "model.tiled_mlp_tokens=64"], []),
     "pretrain_zero3_checkpointing_tiled": ("pretrain", 2, ["deepspeed=zero3", "model.gradient_checkpointing=true",
-                                                            "model.tiled_mlp_tokens=48"]),
-    "dpo_zero2": ("dpo", 2, ["deepspeed=zero2"]),
-    "dpo_zero3_live_reference": ("dpo", 2, ["deepspeed=zero3", "dpo.reference=live"]),
+                                                            "model.tiled_mlp_tokens=48"], []),
+    "dpo_zero2": ("dpo", 2, ["deepspeed=zero2"], []),
+    "dpo_zero3_live_reference": ("dpo", 2, ["deepspeed=zero3"], ["dpo.reference=live"]),
+    "sft_lora_zero3": ("sft", 2, ["deepspeed=zero3"], ["lora.enabled=true"]),
+    "dpo_lora_experts_adapters_off_zero2": ("dpo", 2, ["deepspeed=zero2"], ["lora.enabled=true", "lora.experts=true",
+                                                                            "dpo.reference=adapters_off"]),
 }
 LAYOUT_CASES = {  # -m layouts: two data-parallel groups of two
-    "sft_zero3_sp2_dp2": ("sft", 4, ["deepspeed=zero3"]),
-    "dpo_zero1_sp2_dp2": ("dpo", 4, ["deepspeed=zero1"]),
+    "sft_zero3_sp2_dp2": ("sft", 4, ["deepspeed=zero3"], []),
+    "dpo_zero1_sp2_dp2": ("dpo", 4, ["deepspeed=zero1"], []),
 }
 
 
@@ -46,24 +50,23 @@ LAYOUT_CASES = {  # -m layouts: two data-parallel groups of two
 def one_rank(tmp_path_factory):
     cache = {}
 
-    def get(stage, overrides):
-        key = (stage, "dpo.reference=live" in overrides)
+    def get(stage, shared):
+        key = (stage, tuple(shared))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"one_{stage}")
-            extra = ["dpo.reference=live"] if key[1] else []
-            run_stage(stage, out, [*STAGE[stage], *COMMON, "deepspeed=zero1", "verify_export=false", *extra], nproc=1)
+            run_stage(stage, out, [*STAGE[stage], *COMMON, "deepspeed=zero1", "verify_export=false", *shared], nproc=1)
             cache[key] = metrics(out)
         return cache[key]
 
     return get
 
 
-def _check(stage, nproc, overrides, one_rank, tmp_path):
+def _check(stage, nproc, layout, shared, one_rank, tmp_path):
     out = tmp_path / "sp"
-    proc = run_stage(stage, out, [*STAGE[stage], *COMMON, *overrides, "sequence_parallel_size=2"], nproc=nproc)
+    proc = run_stage(stage, out, [*STAGE[stage], *COMMON, *layout, *shared, "sequence_parallel_size=2"], nproc=nproc)
     assert "sequence_parallel_size=2" in proc.stdout
     assert "export check" in proc.stdout  # the export's logits equal the live, sharded model's
-    ref, got = one_rank(stage, overrides), metrics(out)
+    ref, got = one_rank(stage, shared), metrics(out)
     assert len(got) == len(ref) == 3
     for a, b in zip(ref, got):
         for k in KEYS[stage]:
@@ -74,15 +77,13 @@ def _check(stage, nproc, overrides, one_rank, tmp_path):
 
 @pytest.mark.parametrize("name", CASES)
 def test_two_ranks_sharing_rows_train_like_one(name, one_rank, tmp_path):
-    stage, nproc, overrides = CASES[name]
-    _check(stage, nproc, overrides, one_rank, tmp_path)
+    _check(*CASES[name], one_rank, tmp_path)
 
 
 @pytest.mark.layouts
 @pytest.mark.parametrize("name", LAYOUT_CASES)
 def test_sequence_and_data_parallel_on_four_ranks(name, one_rank, tmp_path):
-    stage, nproc, overrides = LAYOUT_CASES[name]
-    _check(stage, nproc, overrides, one_rank, tmp_path)
+    _check(*LAYOUT_CASES[name], one_rank, tmp_path)
 
 
 def test_documents_stay_apart_across_shards(tmp_path):
@@ -106,7 +107,6 @@ def test_refused_combinations_say_why(tmp_path):
     cases = [
         (["expert_parallel_size=2"], "sequence_parallel_size=2 with expert_parallel_size=2: DeepSpeed's AutoEP"),
         (["model.attn_implementation=sdpa"], "use packed_sdpa (default) or flash_attention_2"),
-        (["lora.enabled=true"], "sequence_parallel_size=2 with lora.enabled=true"),
     ]
     for extra, needle in cases:
         proc = subprocess.run([sys.executable, str(REPO / "train" / "sft.py"), "--nproc_per_node", "2", "recipe=tiny/sft",
