@@ -29,17 +29,19 @@ def live_tensor_bytes() -> int:
 
 
 def main() -> None:
-    from train import common, faults
+    from train import faults
+    from train.model_setup import build_engine, load_model
+    from train.runtime import start
     from train.config import compose
 
     overrides = sys.argv[1:]
     cfg = compose("sft", ["model=small", "max_seq_len=256", "global_batch_size=4", "micro_batch_size=2",
                           "output_dir=/tmp/bench_zero_memory", "overwrite=true", "export=false", "router.aux_loss_coef=0", *overrides])
-    run = common.start(cfg)
+    run = start(cfg)
     gc.collect()
     before = live_tensor_bytes()
-    model = common.load_model(cfg, run)
-    engine, _ = common.build_engine(cfg, model, run)
+    model = load_model(cfg, run)
+    engine, _ = build_engine(cfg, model, run)
     head = model.get_output_embeddings()
     del model
     g = torch.Generator().manual_seed(run.rank)

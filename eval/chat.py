@@ -7,7 +7,7 @@ Type a message and press Enter; `/reset` starts over, `/quit` (or Ctrl-D) leaves
 
 from __future__ import annotations
 
-from eval.config import CONFIG_DIR, ChatConfig, validate_eval
+from eval.config import ChatConfig, validate_eval
 from train import cli
 
 

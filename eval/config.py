@@ -9,7 +9,6 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 @dataclass
@@ -95,7 +94,8 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 def _model_path(cfg) -> None:
     from omegaconf import OmegaConf
 
-    from train.config import ConfigError, looks_local
+    from train.checks import looks_local
+    from train.config import ConfigError
 
     if OmegaConf.is_missing(cfg, "model_path") or not cfg.model_path:
         raise ConfigError("model_path is required: an export folder (a stage's <output_dir>/hf) or a hub name "

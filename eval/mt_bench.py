@@ -29,7 +29,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from eval.config import CONFIG_DIR, MTBenchConfig, validate_eval
+from eval.config import MTBenchConfig, validate_eval
 from train import cli, console
 
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,

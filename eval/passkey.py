@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from data.chat import encode_prompt
-from eval.config import CONFIG_DIR, PasskeyConfig, validate_eval
+from eval.config import PasskeyConfig, validate_eval
 from train import cli, console
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from eval.config import CONFIG_DIR, RoutingConfig, validate_eval
+from eval.config import RoutingConfig, validate_eval
 from model.router import RouterLogitsRecorder
 from train import cli, console
 

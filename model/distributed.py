@@ -23,13 +23,19 @@ from omegaconf import OmegaConf
 import torch
 
 
+def accumulation_steps(cfg, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank: global batch / (micro-batch × data-parallel groups),
+    a data-parallel group being `sequence_parallel_size` ranks that share their rows."""
+    return cfg.global_batch_size // (cfg.micro_batch_size * (world_size // cfg.get("sequence_parallel_size", 1)))
+
+
 def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None) -> dict:
     """Plain DeepSpeed config dict for this launch. Prints nothing; see `batch_arithmetic`.
     `model_config` (the MixtralConfig actually trained, e.g. `model_path`'s) sizes the ZeRO-3 buffers;
     None: the preset `cfg.model`."""
     ds = OmegaConf.to_container(cfg.deepspeed, resolve=True) if cfg.deepspeed else {}
     sp = cfg.get("sequence_parallel_size", 1)
-    gas = cfg.global_batch_size // (cfg.micro_batch_size * (world_size // sp))
+    gas = accumulation_steps(cfg, world_size)
     if sp > 1:  # DeepSpeed's batch check then counts data-parallel groups, not ranks
         ds["sequence_parallel_size"] = sp
         if ds.get("zero_optimization", {}).get("stage") == 3:  # one averaging path: model/sequence_parallel.py
@@ -107,8 +113,8 @@ def zero_stage(ds: dict) -> int:
 def batch_arithmetic(cfg, world_size: int) -> str:
     """Human-readable batch arithmetic, e.g. for the start-of-run banner."""
     sp = cfg.get("sequence_parallel_size", 1)
+    gas = accumulation_steps(cfg, world_size)
     world_size //= sp
-    gas = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
     if sp > 1:
         return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel groups of {sp} "
                 f"sequence-parallel ranks = {cfg.global_batch_size} {'pairs' if cfg.stage == 'dpo' else 'sequences'} "

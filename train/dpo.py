@@ -30,26 +30,33 @@ from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
 from model.losses import dpo_loss
 from model.sequence_parallel import group_sum
-from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, expert_counts, load_balancing_loss, z_loss
-from train import cli, common, faults, reference
-from train.config import DPOStageConfig, stage_checks
+from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, load_balancing_loss, z_loss
+from train import cli, faults, reference
+from train.checkpoints import end_of_step, maybe_resume
+from train.finish import finish
+from train.metrics import Metrics, RouterStep, step_values
+from train.model_setup import build_engine, load_model
+from train.rows import training_rows
+from train.runtime import start
+from train.checks import stage_checks
+from train.config import DPOStageConfig
 
 
 @cli.main("dpo", DPOStageConfig, stage_checks)
 @faults.exit_on_peer_loss
 def main(cfg) -> None:
-    run = common.start(cfg)
+    run = start(cfg)
     tokenizer = load_tokenizer(cfg.model_path)
-    pairs, _ = common.training_rows(cfg, "preference", tokenizer, run)
-    model = common.load_model(cfg, run)
+    pairs, _ = training_rows(cfg, "preference", tokenizer, run)
+    model = load_model(cfg, run)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    engine, guard = common.build_engine(cfg, model, run)
+    engine, guard = build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
     balance = ExpertLoadAccumulator(top_k) if cfg.router.global_batch else None
     batches = GlobalBatches(len(pairs), cfg.global_batch_size, cfg.seed)
-    step, _ = common.maybe_resume(engine, cfg, run)
+    step, _ = maybe_resume(engine, cfg, run)
 
     ref_table, ref_engine = None, None
     if cfg.dpo.reference == "precomputed":
@@ -59,8 +66,8 @@ def main(cfg) -> None:
             ref_table = reference.precomputed(engine, cfg, run, pairs, tokenizer, adapters_off=cfg.lora.enabled)
     elif cfg.dpo.reference == "live":
         ref_ds = reference.reference_ds_config(cfg, run)
-        ref_engine = reference.live_engine(run, common.load_model(cfg, run, ref_ds, phase="load_reference"), ref_ds)
-    metrics = common.Metrics(cfg, run, step, recorder.num_layers, num_experts)
+        ref_engine = reference.live_engine(run, load_model(cfg, run, ref_ds, phase="load_reference"), ref_ds)
+    metrics = Metrics(cfg, run, step, recorder.num_layers, num_experts)
     beta, ipo = cfg.dpo.beta, cfg.dpo.loss_type == "ipo"
 
     engine.train()
@@ -73,8 +80,7 @@ def main(cfg) -> None:
         n_chosen_tokens = run.all_sum(sum(int(((b["target_segment"] == 1) & (b["targets"] != IGNORE_INDEX)).sum())
                                           for b in micro_batches))
         sums = torch.zeros(7, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll
-        aux_total = z_total = 0.0
-        counts_LE = torch.zeros(recorder.num_layers, num_experts, dtype=torch.float64)
+        router = RouterStep(recorder.num_layers, num_experts, top_k, run.gas)
         for ix, b in zip(index, micro_batches):
             with recorder:
                 out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
@@ -111,9 +117,7 @@ def main(cfg) -> None:
             sums += torch.tensor([losses.sum().item(), r_chosen.sum().item(), r_rejected.sum().item(),
                                   (r_chosen > r_rejected).float().sum().item(), pol_c.sum().item(),
                                   pol_r.sum().item(), nll.item()], dtype=torch.float64)
-            aux_total += aux.item() / run.gas
-            z_total += z.item() / run.gas
-            counts_LE += expert_counts(recorder.logits, top_k, mask).cpu().double()
+            router.add(recorder.logits, mask, aux, z)
         if balance is not None:
             balance.reset()
         step += 1
@@ -121,8 +125,8 @@ def main(cfg) -> None:
 
         g = run.all_sum(sums) / run.sp  # a sequence-parallel group's ranks hold the same pair sums
         G = cfg.global_batch_size
-        aux_step, z_step = float(run.all_sum(aux_total)) / run.world, float(run.all_sum(z_total)) / run.world
-        stats = metrics.expert_load(counts_LE)
+        aux_step, z_step = router.means(run)
+        stats = metrics.expert_load(router.counts_LE)
         metrics.log(step, {
             "loss": float(g[0] / G + cfg.dpo.sft_weight * g[6]) + cfg.router.aux_loss_coef * aux_step
                     + cfg.router.z_loss_coef * z_step,
@@ -130,17 +134,13 @@ def main(cfg) -> None:
             "rewards/chosen": float(g[1] / G), "rewards/rejected": float(g[2] / G),
             "rewards/margins": float((g[1] - g[2]) / G), "rewards/accuracy": float(g[3] / G),
             "logps/chosen": float(g[4] / G), "logps/rejected": float(g[5] / G),
-            "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens": int(run.all_sum(sum(int((b["input_ids"] != tokenizer.pad_id).sum()) for b in micro_batches))),
-            "pairs": G, "epoch": batches.epoch(step),
-            "skipped": skipped, "skipped_total": guard.total, "rows": batches.global_rows(step - 1),
+            "pairs": G, **step_values(engine, guard, batches, step, skipped),
         }, stats)
-        common.stop_if_diverged(engine, cfg, run, guard, step)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            common.save_checkpoint(engine, cfg, run, step)
+        end_of_step(engine, cfg, run, guard, step)
 
     metrics.close()
-    common.finish(engine, cfg, run, model, tokenizer, step)
+    finish(engine, cfg, run, model, tokenizer, step)
 
 
 if __name__ == "__main__":

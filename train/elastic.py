@@ -105,7 +105,7 @@ def write_portable(source: Path, out: Path, log: Path) -> None:
 
 def _from_zero0(source: Path, layout: dict):
     """(name, state) from a ZeRO-0 checkpoint: the module's state dict and the torch optimizer's."""
-    from train.common import deepspeed_checkpoint_globals
+    from train.checkpoints import deepspeed_checkpoint_globals
 
     with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
         sd = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True, mmap=True)

@@ -246,4 +246,4 @@ def _looks_distributed(e: BaseException) -> bool:
         s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
-WATCHDOG: list[Watchdog | None] = [None]  # the process's watchdog, set by train.common.start
+WATCHDOG: list[Watchdog | None] = [None]  # the process's watchdog, set by train.runtime.start

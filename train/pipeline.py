@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 import train.config  # noqa: F401  (registers the schemas)
 from train import cli
-from train.config import CONFIG_DIR, PipelineConfig
+from train.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def evaluate(cfg, out: Path, walls: dict) -> str:
     from eval import curriculum, mt_bench, passkey
     from eval.config import PasskeyConfig
     from eval.generate import load
-    from train.common import load_heatmap
+    from eval.reporting import load_heatmap
 
     torch.manual_seed(cfg.seed)
     n = cfg.heldout

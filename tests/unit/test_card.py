@@ -55,7 +55,7 @@ def test_hub_push_without_network_is_one_line(tmp_path):
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
-    code = ("from pathlib import Path; from train.common import push_to_hub\n"
+    code = ("from pathlib import Path; from train.finish import push_to_hub\n"
             "class Run:\n    def print(self, *a): print(*a)\n"
             f"push_to_hub(Path({str(tmp_path / 'hf')!r}), 'someone/mixtral-test', True, Run(), 'sft')\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,

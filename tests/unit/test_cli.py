@@ -96,7 +96,8 @@ def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"config error: output_dir={out} holds an earlier run (metrics.jsonl): resume=true "
                                    f"continues it, overwrite=true replaces it, or choose another output_dir")
-    from train.config import check_output_dir, compose, start_afresh
+    from train.checks import check_output_dir, start_afresh
+    from train.config import compose
 
     (out / "cache").mkdir()
     for ok in (["resume=true"], ["overwrite=true"]):

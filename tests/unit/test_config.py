@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from train.cli import recipe_stage
-from train.config import ConfigError, compose, validate
+from train.checks import validate
+from train.config import ConfigError, compose
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.relative_to(REPO / "recipes").with_suffix("").as_posix() for p in (REPO / "recipes").rglob("*.yaml"))
@@ -98,7 +99,7 @@ def test_lr_schedule_shapes(schedule):
     """Warmup (s + 1) / w, then: constant 1; linear and cosine from 1 towards the floor; wsd (warmup-
     stable-decay) exactly 1 until the last decay_fraction of the steps, then equal steps down to the floor
     at the last step."""
-    from train.common import lr_lambda
+    from train.model_setup import lr_lambda
 
     total, warmup, floor = 50, 5, 0.1
     cfg = compose("pretrain", ["recipe=tiny/pretrain", f"max_steps={total}", f"optim.schedule={schedule}",

@@ -12,8 +12,9 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from model.build import build_model
-from train.common import safe_checkpoint_loading
-from train.config import ConfigError, compose, validate
+from train.checkpoints import safe_checkpoint_loading
+from train.checks import validate
+from train.config import ConfigError, compose
 
 
 class Payload:

@@ -1,0 +1,183 @@
+"""The checks Hydra cannot express: `validate(cfg, world_size)` applies the cross-key rules (expert and
+sequence parallel sizes, batch arithmetic, enumerations, combinations) and raises `ConfigError` naming the
+key before any heavy work; `check_output_dir` / `start_afresh` guard a run's output folder."""
+
+from __future__ import annotations
+
+import os
+
+from train.config import ConfigError
+
+
+DATA_FORMATS = ("auto", "text", "messages", "alpaca", "sharegpt", "preference", "hh_rlhf")
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value) -> None:
+    if value is None or value < 1:
+        raise ConfigError(f"{key}={value!r}: must be a positive integer")
+
+
+def looks_local(path: str) -> bool:
+    """A path (not a hub name like 'mistralai/Mixtral-8x7B-v0.1')."""
+    return path.startswith(("/", ".", "~")) or os.path.exists(path) or path.count("/") > 1
+
+
+def validate(cfg, world_size: int | None = None) -> None:
+    """Cross-key checks. `world_size` enables the ones that depend on the launch."""
+    m = cfg.model
+    _positive("max_steps", cfg.max_steps)
+    _positive("global_batch_size", cfg.global_batch_size)
+    _positive("micro_batch_size", cfg.micro_batch_size)
+    _positive("max_seq_len", cfg.max_seq_len)
+    _positive("expert_parallel_size", cfg.expert_parallel_size)
+    _positive("sequence_parallel_size", cfg.sequence_parallel_size)
+    _positive("model.num_experts_per_tok", m.num_experts_per_tok)
+    if m.num_experts_per_tok > m.num_local_experts:
+        raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok} exceeds "
+                          f"model.num_local_experts={m.num_local_experts}")
+    if m.num_local_experts % cfg.expert_parallel_size:
+        raise ConfigError(f"expert_parallel_size={cfg.expert_parallel_size} does not divide "
+                          f"model.num_local_experts={m.num_local_experts}: each rank must hold the same number of experts")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % m.num_key_value_heads:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                          f"model.num_key_value_heads={m.num_key_value_heads}")
+    positions = m.max_position_embeddings_override or m.max_position_embeddings
+    if cfg.model_path is None and cfg.max_seq_len > positions:  # with model_path: its config.json's (train/preflight.py)
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={positions}")
+    _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
+    _one_of("model.attn_implementation", m.attn_implementation, ("packed_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"))
+    _one_of("model.experts_implementation", m.experts_implementation, ("sorted_grouped_mm", "grouped_mm", "batched_mm", "eager"))
+    _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
+    _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant", "wsd"))
+    if not 0.0 < cfg.optim.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction={cfg.optim.decay_fraction}: expected a share in (0, 1]")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)}: expected two values")
+    _one_of("data.format", cfg.data.format, DATA_FORMATS)
+    _one_of("data.overlong", cfg.data.overlong, ("truncate", "drop"))
+    share = cfg.data.synthetic_passkey_share
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"data.synthetic_passkey_share={share}: expected a share between 0 and 1")
+    if cfg.data.synthetic_passkey_filler < 0:
+        raise ConfigError(f"data.synthetic_passkey_filler={cfg.data.synthetic_passkey_filler}: expected >= 0")
+    _one_of("data.on_error", cfg.data.on_error, ("raise", "skip"))
+    if cfg.data.max_record_chars < 1:
+        raise ConfigError(f"data.max_record_chars={cfg.data.max_record_chars}: must be >= 1")
+    _one_of("logging.backend", cfg.logging.backend, ("none", "wandb"))
+    if cfg.router.aux_loss_coef < 0 or cfg.router.z_loss_coef < 0:
+        raise ConfigError("router.aux_loss_coef and router.z_loss_coef must be >= 0")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every={cfg.checkpoint_every}: must be >= 0")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints={cfg.keep_checkpoints}: must be >= 1 (the newest is needed to resume)")
+    if cfg.dist_timeout_s < 5:
+        raise ConfigError(f"dist_timeout_s={cfg.dist_timeout_s}: must be >= 5 seconds")
+    if cfg.max_bad_steps < 1:
+        raise ConfigError(f"max_bad_steps={cfg.max_bad_steps}: must be >= 1")
+    if cfg.model_path is not None and looks_local(cfg.model_path):
+        path = os.path.expanduser(cfg.model_path)
+        if not os.path.isdir(path):
+            raise ConfigError(f"model_path={cfg.model_path}: no such folder")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"model_path={cfg.model_path}: folder has no config.json (expected an HF model folder)")
+    zero = cfg.deepspeed.get("zero_optimization", {}) if cfg.deepspeed else {}
+    stage = int(zero.get("stage", 0))
+    offload = bool(zero.get("offload_optimizer") or zero.get("offload_param"))
+    if offload and stage == 0:
+        raise ConfigError("deepspeed: CPU offload needs ZeRO stage >= 1 (zero_optimization.stage is 0)")
+    if zero.get("offload_param") and stage != 3:
+        raise ConfigError("deepspeed: zero_optimization.offload_param needs ZeRO stage 3")
+    if cfg.lora.enabled and cfg.expert_parallel_size > 1:
+        raise ConfigError("lora.enabled=true with expert_parallel_size>1: with every expert frozen, DeepSpeed's ZeRO "
+                          "optimizers find no trainable MoE parameter group under AutoEP and refuse to start; "
+                          "use expert_parallel_size=1 with deepspeed=zero3 to shard the frozen base instead")
+    if cfg.lora.enabled and cfg.lora.experts and stage == 3:
+        raise ConfigError("lora.experts=true with ZeRO-3: expert adapters are merged by peft, which needs the full "
+                          "expert weights in place; use deepspeed=zero2, or attention-only adapters (lora.experts=false)")
+    if hasattr(cfg, "dpo"):
+        _one_of("dpo.loss_type", cfg.dpo.loss_type, ("sigmoid", "ipo", "hinge", "robust"))
+        _one_of("dpo.reference", cfg.dpo.reference, ("precomputed", "live", "adapters_off"))
+        if cfg.dpo.reference == "adapters_off" and not cfg.lora.enabled:
+            raise ConfigError("dpo.reference=adapters_off needs lora.enabled=true")
+        if cfg.dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta={cfg.dpo.beta}: must be > 0")
+        if cfg.dpo.dpop_lambda < 0:
+            raise ConfigError(f"dpo.dpop_lambda={cfg.dpo.dpop_lambda}: must be >= 0")
+        if not cfg.model_path and not cfg.allow_random_init:
+            raise ConfigError("model_path is required: DPO aligns a trained model (e.g. model_path=outputs/sft/hf, an SFT "
+                              "export, or a hub name); allow_random_init=true runs it on a randomly initialised preset")
+    if m.tiled_mlp_tokens < 0:
+        raise ConfigError(f"model.tiled_mlp_tokens={m.tiled_mlp_tokens}: expected 0 (off) or a tile size in tokens")
+    if m.tiled_mlp_tokens and cfg.expert_parallel_size > 1:
+        raise ConfigError(f"model.tiled_mlp_tokens={m.tiled_mlp_tokens} with expert_parallel_size={cfg.expert_parallel_size}: "
+                          "AutoEP replaces the MoE blocks with its own all-to-all layers, which do not tile")
+    sp = cfg.sequence_parallel_size
+    if sp > 1:
+        if cfg.expert_parallel_size > 1:
+            raise ConfigError(f"sequence_parallel_size={sp} with expert_parallel_size={cfg.expert_parallel_size}: "
+                              "DeepSpeed's AutoEP does not combine with its sequence-parallel groups (ZeRO-3 refuses it; "
+                              "at ZeRO-1/2 the expert gradients would be averaged over the wrong group); use one of the two")
+        if m.num_attention_heads % sp or not (m.num_key_value_heads % sp == 0 or sp % m.num_key_value_heads == 0):
+            raise ConfigError(f"sequence_parallel_size={sp}: the all-to-all splits attention heads across the group, so it "
+                              f"must divide model.num_attention_heads={m.num_attention_heads} and divide or be a multiple "
+                              f"of model.num_key_value_heads={m.num_key_value_heads}")
+        if m.attn_implementation in ("sdpa", "eager", "flex_attention"):
+            raise ConfigError(f"sequence_parallel_size={sp} with model.attn_implementation={m.attn_implementation}: "
+                              "the sequence-parallel attention drops the packed-document mask and keeps documents apart "
+                              "by position_ids only; use packed_sdpa (default) or flash_attention_2")
+    if world_size is not None:
+        if world_size % sp:
+            raise ConfigError(f"sequence_parallel_size={sp} does not divide the world size {world_size} "
+                              f"(torchrun --nproc_per_node x --nnodes)")
+        world_size //= sp  # the batch arithmetic below is over data-parallel groups
+        if world_size % cfg.expert_parallel_size:
+            raise ConfigError(f"expert_parallel_size={cfg.expert_parallel_size} does not divide the world size "
+                              f"{world_size} (torchrun --nproc_per_node x --nnodes)")
+        per_step = cfg.micro_batch_size * world_size
+        if cfg.global_batch_size % per_step:
+            groups = "world size" if sp == 1 else f"data-parallel groups (world size / sequence_parallel_size {sp})"
+            raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size × "
+                              f"{groups} = {cfg.micro_batch_size} × {world_size} = {per_step}")
+
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "memory.json", "skipped.jsonl", "hf", "hf.tmp", "adapter", "checkpoints")
+
+
+def check_output_dir(cfg) -> None:
+    """A stage never writes over an earlier run by accident: a non-empty `output_dir` needs resume=true
+    (continue it) or overwrite=true (start afresh; `start_afresh` clears it, keeping the tokenization cache)."""
+    out = os.path.expanduser(cfg.output_dir)
+    if cfg.resume or cfg.overwrite or not os.path.isdir(out):
+        return
+    found = sorted(name for name in os.listdir(out) if name in RUN_FILES)
+    if found:
+        raise ConfigError(f"output_dir={cfg.output_dir} holds an earlier run ({', '.join(found)}): resume=true continues "
+                          f"it, overwrite=true replaces it, or choose another output_dir")
+
+
+def start_afresh(cfg) -> None:
+    """overwrite=true: remove an earlier run's files from output_dir (rank 0, before anything is written)."""
+    import shutil
+
+    out = os.path.expanduser(cfg.output_dir)
+    if not cfg.overwrite or cfg.resume or not os.path.isdir(out):
+        return
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def stage_checks(cfg) -> None:
+    """Everything a stage checks from its config alone, before torch.distributed starts (train/cli.py)."""
+    validate(cfg)
+    check_output_dir(cfg)

@@ -1,0 +1,89 @@
+"""The end of every stage: the final checkpoint, the Hugging Face export (LoRA: the adapter folder and the
+merged weights), the check that the export's logits equal the live model's, the push to the Hub, the summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from train import console, faults
+from train.checkpoints import save_checkpoint
+from train.runtime import Run
+
+
+def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
+    """Teardown of every stage: final checkpoint, HF export (with LoRA: the PEFT adapter folder and
+    merged weights), and the check that the export's logits equal the live model's."""
+    if "first_step" in run.memory.phases:
+        run.memory.end("later_steps")  # the steady state: the optimizer's states exist from the first step on
+    if cfg.checkpoint_every:
+        save_checkpoint(engine, cfg, run, step)
+    if cfg.export:
+        run.memory.begin()
+        _export(engine, cfg, run, model, tokenizer)
+        run.memory.end("export")
+    run.memory.save()
+    if run.main:
+        final = run.final_metrics
+        results = [f"{step} steps; final {console.loss_terms(final, cfg)}" if final else f"{step} steps"]
+        if "rewards/accuracy" in final:
+            results.append(f"final reward accuracy {final['rewards/accuracy']:.3f}, margin {final['rewards/margins']:.4f}")
+        if run.memory.phases:
+            results.append("peak RSS per rank: " + ", ".join(
+                f"{phase} {max(p['peak_rss_bytes']) / 2**30:.2f} GiB" for phase, p in run.memory.phases.items()))
+        files = [run.out / n for n in ("config.yaml", "metrics.jsonl", "memory.json", "skipped.jsonl", "build.log",
+                                       "checkpoints", "adapter", "hf")]
+        console.summary(cfg.stage, time.time() - run.t0, results, files)
+    faults.finished()
+
+
+def _export(engine, cfg, run: Run, model, tokenizer) -> None:
+    from model.card import model_card
+    from model.export import export_hf, live_probe, release_zero3_params, verify_export
+    from model.lora import lora_scaling, merged_for_export, save_adapter
+    from model.memory import parameter_counts
+
+    t0 = time.time()
+    release_zero3_params(engine)
+    probe = live_probe(engine) if cfg.verify_export else None  # before peft merges expert adapters in place
+    module, scaling = engine.module, None
+    if cfg.lora.enabled:
+        save_adapter(module, run.out / "adapter", run.main, cfg.model_path)
+        if cfg.lora.experts:
+            module = merged_for_export(module)  # peft merges expert adapters (ZeRO ≤ 2)
+        else:
+            scaling = lora_scaling(cfg.lora)    # export_hf merges W + B·A·scaling per gathered weight
+    card = None
+    if run.main:
+        card = model_card(cfg, vars(run.data_report) if run.data_report else {}, run.final_metrics,
+                          parameter_counts(run.model_config)["total"], cfg.recipe_name, cfg.hub.repo_id)
+    export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling,
+              training_config=OmegaConf.to_yaml(cfg, resolve=True), card=card)
+    run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
+    if cfg.verify_export:
+        e = verify_export(engine, run.out / "hf", probe)
+        if run.main:
+            run.print(f"[{cfg.stage}] export check: probe model.export.probe_ids(vocab {model.config.vocab_size}), "
+                      f"2 × {probe[0].shape[1] if probe else 32} tokens; live logits sum {e['live_sum']:.6f}; "
+                      f"max |logits(export) - logits(live)| = {e['max_abs_diff']:.2e} "
+                      f"(tolerance {e['tol']:g} × {e['scale']:.3g})")
+    if cfg.hub.repo_id and run.main:
+        push_to_hub(run.out / "hf", cfg.hub.repo_id, cfg.hub.private, run, cfg.stage)
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool, run: Run, stage: str) -> None:
+    """Upload the export to the Hugging Face Hub (rank 0). A failure (offline, no token, no permission)
+    is one line: the export stays complete on disk."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        url = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"mixtral-tune {stage} export")
+        run.print(f"[{stage}] pushed {folder} to {url}")
+    except Exception as e:  # noqa: BLE001 - any reason, one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        run.print(f"[{stage}] hub: could not push {folder} to {repo_id} ({type(e).__name__}: {reason[:200]}); "
+                  f"the export is complete on disk: retry with `huggingface-cli upload {repo_id} {folder}`")

@@ -1,0 +1,111 @@
+"""The model and its DeepSpeed engine: built for this rank's share of the layout (model/load.py), with the
+LM head that returns the loss (model/head.py), our AdamW and LR schedule, sequence parallelism wired in."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from model import sequence_parallel
+from model.build import build_model, model_folder
+from model.distributed import deepspeed_config, fp32_master_shared, mark_moe_leaf_modules, zero_stage
+from model.head import install_loss_head
+from model.load import Placement, check_expert_placement, expert_parallel_rank
+from train import faults
+from train.checkpoints import prepare_elastic_resume
+from train.memory_log import set_mmap_threshold
+from train.runtime import Run
+
+
+def lr_lambda(cfg):
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        if cfg.optim.schedule == "wsd":  # warmup-stable-decay: constant, then linear to the floor at the end
+            decay = max(1, round(cfg.optim.decay_fraction * (total - warmup)))
+            return floor + (1 - floor) * min(1.0, (total - 1 - step) / decay)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.optim.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_engine(cfg, model, run: Run):
+    """DeepSpeed engine with our AdamW and LR schedule (DeepSpeed steps both at accumulation boundaries)."""
+    import deepspeed
+
+    ds = deepspeed_config(cfg, run.world, run.dtype, run.model_config)
+    prepare_elastic_resume(cfg, run, ds)
+    if zero_stage(ds) == 3 and cfg.expert_parallel_size == 1:
+        mark_moe_leaf_modules(model)
+    made = []
+
+    def make_optimizer(_params):
+        # Called by DeepSpeed after AutoEP has swapped in its expert modules, so the groups hold the
+        # live parameters; ZeRO-1/2 with EP also need the expert weights in their own "moe" groups.
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [g for g in ({"name": "decay", "params": [p for p in params if p.ndim >= 2],
+                               "weight_decay": cfg.optim.weight_decay},
+                              {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})
+                  if g["params"]]
+        if cfg.expert_parallel_size > 1 and zero_stage(ds) in (1, 2):
+            from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+            groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        if cfg.optim.name == "sgd":
+            made.append(faults.guarded(torch.optim.SGD)(groups, lr=cfg.optim.lr))
+        else:
+            # torch's fused AdamW kernel (CPU and CUDA): one pass over each tensor instead of ~10 element-wise
+            # ops; 6x faster per step on CPU (BENCHMARKS.md).
+            fused = all(p.device.type in ("cpu", "cuda") for p in params)
+            made.append(faults.guarded(torch.optim.AdamW)(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                                          eps=cfg.optim.eps, fused=fused))
+        return made[-1]
+
+    mpu = sequence_parallel.setup(model, run.sp, cfg.micro_batch_size)
+    run.grad_factor = sequence_parallel.gradient_factor(zero_stage(ds), run.sp)
+    with fp32_master_shared():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=mpu,
+                                               lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    check_expert_placement(engine.module, placement(cfg, run, ds))
+    set_mmap_threshold((4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log.set_mmap_threshold
+    run.memory.end("engine")
+    if run.world == 1 and zero_stage(ds) == 0 and run.dtype == torch.float32:
+        # One process, plain fp32 ZeRO-0: DeepSpeed's gradient "all-reduce" would flatten every gradient into a
+        # bucket, reduce it over one rank and copy it back (~3% of a CPU step, BENCHMARKS.md).
+        engine.enable_backward_allreduce = False
+    return engine, faults.NonFinite(made[-1], cfg.max_bad_steps)
+
+
+def placement(cfg, run: Run, ds: dict | None = None) -> Placement:
+    """What this rank keeps of the weights under the stage's layout (model/load.py)."""
+    ds = ds if ds is not None else deepspeed_config(cfg, run.world, run.dtype, run.model_config)
+    ep = int(ds.get("expert_parallel", {}).get("autoep_size", 1))
+    return Placement(zero_stage=zero_stage(ds), ep_size=ep, ep_rank=expert_parallel_rank(run.rank, ep), ds_config=ds)
+
+
+def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
+    """The stage's HF Mixtral, built for this rank's share of the layout (ZeRO-3 partitions, or dense +
+    this rank's experts under expert parallelism; `ds` is the engine's DeepSpeed config, default the
+    stage's), with a `LossHead` as its LM head (model/head.py). A hub `model_path` is downloaded by one
+    rank per node first. Peak memory from here to the end is recorded as `phase`."""
+    set_mmap_threshold(2**20)  # loading and engine set-up free many MB-sized tensors: give them back to the OS
+    run.memory.begin()
+    if cfg.model_path is not None and not os.path.isdir(os.path.expanduser(cfg.model_path)):
+        if run.local_rank == 0:
+            model_folder(cfg.model_path)
+        run.barrier()
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), model_path=cfg.model_path,
+                        dtype=run.dtype, seed=cfg.seed, placement=placement(cfg, run, ds))
+    install_loss_head(model)
+    run.memory.end(phase)
+    return model
