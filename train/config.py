@@ -214,8 +214,8 @@ def compose(stage: str, overrides: list[str] | None = None):
 
 @dataclass
 class PipelineStage:
-    recipe: str = MISSING
-    max_steps: int = MISSING
+    recipe: str = MISSING                   # recipes/pipeline/<stage>.yaml: the stage's whole configuration
+    max_steps: Optional[int] = None         # None: the recipe's
     overrides: list[str] = field(default_factory=list)   # extra key=value for the stage command
 
 
@@ -236,26 +236,11 @@ class PipelineConfig:
     nproc: int = 2                       # torchrun --nproc_per_node for every stage
     model: str = "tiny"
     seed: int = 0
-    # What made the tiny model learn in minutes (measured; see data/synthetic.py and README): one-line
-    # pretraining documents, 400 steps × 16 rows at a constant lr with a linear decay over the last 20%
-    # (wsd; 200 steps recalled 60/100 sums, 400 recall 100/100; the decay lifted the weakest of three seeds'
-    # SFT exact match 83% → 94%); then LoRA on attention for SFT, which teaches the [INST] format without
-    # overwriting the facts stored in the experts (full SFT: held-out exact match 73%, LoRA: 94%); then DPO
-    # through LoRA adapters on attention AND experts (8 pairs per step, lr 3e-4; full DPO lowered each
-    # rejected capital where it trained on it and barely elsewhere). DPO leaves out the ending both answers
-    # share (dpo.mask_common_suffix: plain DPO lowered the ". </s>" after every answer, exact match 86% → 62%),
-    # at β 2 (held-out reward accuracy over three pretraining seeds: β 0.5 87.7-92.0%, β 1 89.0-92.5%, β 2
-    # 91.0-93.2%; README, "What made the difference").
-    pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(
-        recipe="tiny/pretrain", max_steps=400, overrides=["micro_batch_size=8", "global_batch_size=16",
-                                                          "optim.schedule=wsd", "data.synthetic_samples=20000"]))
-    sft: PipelineStage = field(default_factory=lambda: PipelineStage(
-        recipe="tiny/sft", max_steps=80, overrides=["lora.enabled=true", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
-                                                     "optim.lr=3e-3", "optim.schedule=constant"]))
-    dpo: PipelineStage = field(default_factory=lambda: PipelineStage(
-        recipe="tiny/dpo", max_steps=120, overrides=["lora.enabled=true", "lora.experts=true", "lora.r=16", "lora.alpha=32",
-                                                     "lora.dropout=0.0", "optim.lr=3e-4", "data.synthetic_samples=1000",
-                                                     "global_batch_size=8", "dpo.beta=2.0", "dpo.mask_common_suffix=true"]))
+    # Each stage is its recipe under recipes/pipeline/ (what made the tiny model learn in minutes, and why, is
+    # in their headers); the command line can still add `<stage>.max_steps=` or `<stage>.overrides=[...]`.
+    pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="pipeline/pretrain"))
+    sft: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="pipeline/sft"))
+    dpo: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="pipeline/dpo"))
     heldout: int = 100                   # held-out prompts / documents per measurement
     # held-out preference pairs: forward passes only, so many. Half are capitals over only 8 held-out
     # countries, and 50 of them measured 70% where 200 measured 84.5% (same model): the draw of countries

@@ -6,7 +6,7 @@ with nothing downloaded, ending in a report that shows what each stage learned.
     python train/pipeline.py mt_bench.questions=../shared/data/mt_bench/question.jsonl
 
 Each stage is the real stage script launched as a user would (`torchrun --nproc_per_node 2
-train/<stage>.py recipe=tiny/<stage> ...`), starting from the previous stage's HF export; a stage
+train/<stage>.py recipe=pipeline/<stage> ...`; recipes/pipeline/ holds each stage's configuration), starting from the previous stage's HF export; a stage
 whose `<stage>/DONE` exists is skipped on rerun. The evaluation loads the exports in process.
 """
 
@@ -37,7 +37,8 @@ def run_stage(name: str, stage_cfg, model_path: Path | None, cfg, out: Path) -> 
         return json.loads(done.read_text())["wall_s"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
            str(REPO / "train" / f"{name}.py"), f"recipe={stage_cfg.recipe}", f"output_dir={stage_dir}",
-           f"max_steps={stage_cfg.max_steps}", f"seed={cfg.seed}", "resume=true"]
+           f"seed={cfg.seed}", "resume=true"]
+    cmd += [f"max_steps={stage_cfg.max_steps}"] if stage_cfg.max_steps is not None else []
     cmd += [f"model={cfg.model}"] if model_path is None else [f"model_path={model_path}"]
     cmd += list(stage_cfg.overrides)
     print(f"[pipeline] {name}: {' '.join(cmd[3:])}", flush=True)

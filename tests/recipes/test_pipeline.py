@@ -18,7 +18,9 @@ def test_pipeline_small_budget(tmp_path):
     cmd = [sys.executable, str(REPO / "train" / "pipeline.py"), f"output_dir={out}", "pretrain.max_steps=60",
            "sft.max_steps=30", "dpo.max_steps=15",
            # a 60-step pretraining holds too few facts for the default LoRA SFT to move far in 30 steps
-           # (ce 1.30 -> 0.99), and 15 DPO steps at the default 3e-4 barely move: faster settings here
+           # (ce 1.30 -> 0.99), and 15 DPO steps at the default 3e-4 barely move: faster settings here, on
+           # the tiny recipes rather than the pipeline's (recipes/pipeline/)
+           "sft.recipe=tiny/sft", "dpo.recipe=tiny/dpo",
            "sft.overrides=['optim.lr=1e-3','optim.schedule=constant']",
            "dpo.overrides=['lora.enabled=true','lora.experts=true','optim.lr=3e-3','optim.schedule=constant','global_batch_size=8',"
            "'dpo.beta=2.0','dpo.mask_common_suffix=true']",
