@@ -32,7 +32,8 @@ MICRO, GAS, LR, BETA = 4, 2, 1e-4, 0.1
 
 def prepare(tmp: Path, max_len: int, steps: int, preset: str, max_pairs: int | None = None) -> tuple[Path, Path, Path, int]:
     from data.dataset import GlobalBatches
-    from data.formats import canonical, read_records
+    from data.formats import canonical
+    from data.readers import read_records
     from data.preference import encode_pair
     from data.tokenizer import load_tokenizer
 

@@ -28,7 +28,8 @@ from _common import SHARED, run_stage_measured, run_worker, save_model
 
 def prepare(tmp: Path, data: str, max_len: int, preset: str) -> tuple[Path, Path, Path]:
     from data.chat import encode_chat
-    from data.formats import canonical, read_records
+    from data.formats import canonical
+    from data.readers import read_records
     from data.synthetic import sft_chats
     from data.tokenizer import default_tokenizer_path, load_tokenizer
 

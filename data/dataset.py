@@ -29,7 +29,8 @@ import numpy as np
 
 from data import synthetic
 from data.chat import IGNORE_INDEX, encode_chat
-from data.formats import RecordError, canonical, read_records
+from data.formats import canonical
+from data.readers import RecordError, read_records
 from data.preference import encode_pair, fit_pair
 
 CACHE_VERSION = "1"

@@ -8,7 +8,7 @@ import sys
 import torch.distributed as dist
 
 from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, tokenize
-from data.formats import RecordError
+from data.readers import RecordError
 from train import faults
 from train.runtime import Run
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from data.dataset import DataReport, fit_pairs, load_canonical, tokenize
-from data.formats import RecordError
+from data.readers import RecordError
 from data.tokenizer import load_tokenizer
 from helpers import REPO, run_stage
 from train.config import DataConfig

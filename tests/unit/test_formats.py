@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from data.formats import RecordError, canonical, hh_prompt_messages, read_records, split_hh_transcript
+from data.formats import canonical, hh_prompt_messages, split_hh_transcript
+from data.readers import RecordError, read_records
 
 
 def _one(tmp_path, name, content, kind, fmt="auto"):
