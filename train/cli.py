@@ -199,6 +199,16 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def _end_distributed() -> None:
+    """Destroy every process group before the interpreter ends. Without it, gloo's worker threads outlive
+    their owners at exit and a rank can die with `terminate called without an active exception` (SIGABRT)
+    after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(config_name: str, schema, check=None):
     """Decorator for a command's `main(cfg)`: strict checks, then Hydra as usual. `check(cfg)` adds the
     command's own rules (raise ConfigError)."""
@@ -212,7 +222,9 @@ def main(config_name: str, schema, check=None):
             recipe = next((o.split("=", 1)[1] for o in sys.argv[1:] if o.split("=", 1)[0].lstrip("+~") == "recipe"), None)
             if "recipe_name" in cfg:
                 cfg.recipe_name = recipe
-            return fn(cfg)
+            result = fn(cfg)
+            _end_distributed()
+            return result
 
         @functools.wraps(fn)
         def run():
