@@ -29,6 +29,8 @@ def live_tensor_bytes() -> int:
 
 
 def main() -> None:
+    from model.head import NO_LOGITS
+    from model.losses import IGNORE_INDEX, causal_lm_loss
     from train import faults
     from train.model_setup import build_engine, load_model
     from train.runtime import start
@@ -48,9 +50,9 @@ def main() -> None:
     peak = 0
     for _ in range(2):  # Adam's state exists after the first step; the peak is step 2 before its update
         ids = torch.randint(3, 32000, (cfg.micro_batch_size, cfg.max_seq_len), generator=g)
-        with head.loss_on(ids):
-            out = engine(input_ids=ids, use_cache=False)
-        loss = out.logits / ids.numel()  # Σ CE from the LossHead
+        out = engine(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=NO_LOGITS)
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], 1)
+        loss = causal_lm_loss(out.hidden_states[-1], head, targets) / ids.numel()
         engine.backward(loss)
         del out, loss
         gc.collect()

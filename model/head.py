@@ -1,58 +1,52 @@
-"""The LM head that can return the training loss instead of logits.
+"""Mixtral's LM head, callable for logits or for the training loss.
 
-`install_loss_head(model)` swaps Mixtral's `lm_head` for a `LossHead`: the same module name and the
-same weight Parameter (tied or not, so state dicts, checkpoints, ZeRO-3 partitioning and the HF
-export are unchanged), and the same `nn.Linear` behaviour everywhere else. Inside
-`head.loss_on(labels_BS)` its forward returns Σ cross-entropy over the label positions
-(`model.losses.linear_ce_sum`) instead of the (B, S, V) logits, so the stage loops get the loss
-from the model's own forward — under the DeepSpeed engine and its ZeRO-3 parameter hooks —
-without the logits ever existing:
+`install_lm_head(model)` swaps the model's `lm_head` (an `nn.Linear`) for an `LMHead`: the same module
+name and the same weight Parameter (tied or not), so state dicts, checkpoints, ZeRO-3 partitioning and
+the HF export are unchanged. It is an `nn.Linear` with one more, optional argument:
 
-    head = model.get_output_embeddings()
-    with head.loss_on(b["labels"]):
-        out = engine(input_ids=..., position_ids=...)
-    ce_sum = out.logits          # a 0-d tensor: Σ −log p(label) over the micro-batch's labels
+    head(hidden_BSH)              → logits (B, S, V), exactly nn.Linear (generation, eval, the model's forward)
+    head(hidden_BSH, targets_BS)  → Σ over positions with a target of −log softmax(hidden · Wᵀ)[target], a 0-d
+                                    fp32 tensor; the (B, S, V) logits never exist (model.losses.linear_ce_sum)
+
+The stage loops take the final hidden states from the model and call `model.losses.causal_lm_loss`,
+which calls the head with targets:
+
+    out = engine(input_ids=..., position_ids=..., output_hidden_states=True, logits_to_keep=NO_LOGITS)
+    ce_sum = causal_lm_loss(out.hidden_states[-1], head, targets_BS)
+
+The loss is a call of the head *module* (not a function of its weight) so that DeepSpeed ZeRO-3's module
+hooks gather a partitioned weight for it and reduce its gradient, as for any other layer. `NO_LOGITS`
+(`logits_to_keep` = no position) makes the model's own head call compute nothing.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
 
 from model.losses import linear_ce_sum
 
+NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep for a forward whose loss the head computes
 
-class LossHead(nn.Linear):
-    labels_BS: torch.Tensor | None = None
-    shifted: bool = False
 
-    def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
-        if self.labels_BS is None:
+class LMHead(nn.Linear):
+    def forward(self, hidden_BSH: torch.Tensor, targets_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, S, V) without `targets_BS`; with them (targets_BS[b, i] = the token position i predicts,
+        IGNORE_INDEX = none), Σ cross-entropy over the positions that have one."""
+        if targets_BS is None:
             return super().forward(hidden_BSH)
         if self.bias is not None:
-            raise ValueError("LossHead.loss_on: an LM head with a bias is not supported (Mixtral has none)")
-        return linear_ce_sum(hidden_BSH, self.weight, self.labels_BS, shifted=self.shifted)
-
-    @contextlib.contextmanager
-    def loss_on(self, labels_BS: torch.Tensor, shifted: bool = False):
-        """Within this block the forward returns Σ CE over `labels_BS` (unshifted, IGNORE_INDEX = skip;
-        `shifted=True`: already the targets of each position, model/sequence_parallel.py)."""
-        self.labels_BS, self.shifted = labels_BS, shifted
-        try:
-            yield self
-        finally:
-            self.labels_BS, self.shifted = None, False
+            raise ValueError("LMHead: a loss through an LM head with a bias is not supported (Mixtral has none)")
+        return linear_ce_sum(hidden_BSH, self.weight, targets_BS, shifted=True)
 
 
-def install_loss_head(model) -> LossHead:
-    """Replace `model`'s output embedding (an HF causal LM, before any peft or DeepSpeed wrapping) by a
-    `LossHead` holding the same weight; returns it."""
+def install_lm_head(model) -> LMHead:
+    """Replace `model`'s output embedding (an HF causal LM, before any peft or DeepSpeed wrapping) by an
+    `LMHead` holding the same weight; returns it."""
     old = model.get_output_embeddings()
-    if isinstance(old, LossHead):
+    if isinstance(old, LMHead):
         return old
-    head = LossHead(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+    head = LMHead(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
     head.weight = old.weight
     if old.bias is not None:
         head.bias = old.bias

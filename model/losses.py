@@ -2,7 +2,7 @@
 
 Shapes: B batch rows, S sequence length, V vocabulary, N selected tokens.
 
-`linear_ce_sum` returns a *sum*, not a mean: the stage loops divide by the number
+`causal_lm_loss` (through `linear_ce_sum`) returns a *sum*, not a mean: the stage loops divide by the number
 of label tokens in the whole global batch (all micro-batches, all data-parallel ranks), which is
 the only normalisation that is exact under gradient accumulation and data parallelism with
 rows of different label counts (a per-micro-batch mean over-weights short micro-batches).
@@ -22,6 +22,18 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+def causal_lm_loss(hidden_BSH: torch.Tensor, lm_head, targets_BS: torch.Tensor) -> torch.Tensor:
+    """The causal-LM training loss of a micro-batch, as a sum:
+
+        Σ over positions (b, i) with targets_BS[b, i] ≠ IGNORE_INDEX of  −log softmax(h_bi · Wᵀ)[targets_BS[b, i]]
+
+    hidden_BSH: the model's final (normed) hidden states; targets_BS: the token each position predicts
+    (labels shifted left by one, model/sequence_parallel.py `shard`); lm_head: the model's `LMHead`
+    (model/head.py), W its weight. Computed by `linear_ce_sum` through a call of the head module, so ZeRO-3
+    gathers W for it. The loops divide by the label tokens of the whole global batch. Returns 0-d fp32."""
+    return lm_head(hidden_BSH, targets_BS)
 
 
 def linear_ce_sum(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, labels_BS: torch.Tensor,

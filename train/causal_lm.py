@@ -17,7 +17,9 @@ from __future__ import annotations
 from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.tokenizer import load_tokenizer
+from model.head import NO_LOGITS
 from model.lora import apply_lora
+from model.losses import causal_lm_loss
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, load_balancing_loss, z_loss
 from train.checkpoints import end_of_step, maybe_resume
 from train.finish import finish
@@ -37,7 +39,7 @@ def train(cfg, kind: str) -> None:
         model = apply_lora(model, cfg.lora)
     engine, guard = build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
-    head = model.get_output_embeddings()  # a LossHead: returns Σ CE instead of logits inside loss_on
+    head = model.get_output_embeddings()  # an LMHead (model/head.py): head(hidden, targets) is Σ CE
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
     balance = ExpertLoadAccumulator(top_k) if cfg.router.global_batch else None
     batches = GlobalBatches(len(rows), cfg.global_batch_size, cfg.seed)
@@ -53,12 +55,14 @@ def train(cfg, kind: str) -> None:
         n_labels = run.all_sum(sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches))
         ce_total, router = 0.0, RouterStep(recorder.num_layers, num_experts, top_k, run.gas)
         for b in micro_batches:
-            with recorder, head.loss_on(b["targets"], shifted=True):
-                out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+            with recorder:  # the hidden states, no logits; the router logits of every layer in recorder.logits
+                out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False,
+                             output_hidden_states=True, logits_to_keep=NO_LOGITS)
+            ce_sum = causal_lm_loss(out.hidden_states[-1], head, b["targets"])  # Σ −log p(target), fused
+            ce = ce_sum / n_labels.to(ce_sum)
             real = b["real_mask"].reshape(-1)
             if balance is not None:
                 balance.add(recorder.logits, real)
-            ce = out.logits / n_labels.to(out.logits)  # out.logits is Σ −log p(label) (LossHead)
             aux = load_balancing_loss(recorder.logits, top_k, real, balance.fraction() if balance else None, run.sp > 1)
             z = z_loss(recorder.logits, real, run.sp > 1)
             # DeepSpeed divides gradients by the accumulation steps and averages them over data-parallel groups;

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from model import sequence_parallel
 from model.build import build_model, model_folder
 from model.distributed import deepspeed_config, fp32_master_shared, mark_moe_leaf_modules, zero_stage
-from model.head import install_loss_head
+from model.head import install_lm_head
 from model.load import Placement, check_expert_placement, expert_parallel_rank
 from train import faults
 from train.checkpoints import prepare_elastic_resume
@@ -96,8 +96,8 @@ def placement(cfg, run: Run, ds: dict | None = None) -> Placement:
 def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
     """The stage's HF Mixtral, built for this rank's share of the layout (ZeRO-3 partitions, or dense +
     this rank's experts under expert parallelism; `ds` is the engine's DeepSpeed config, default the
-    stage's), with a `LossHead` as its LM head (model/head.py). A hub `model_path` is downloaded by one
-    rank per node first. Peak memory from here to the end is recorded as `phase`."""
+    stage's), with an `LMHead` as its LM head (model/head.py: logits, or the loss given targets). A hub
+    `model_path` is downloaded by one rank per node first. Peak memory from here to the end is recorded as `phase`."""
     set_mmap_threshold(2**20)  # loading and engine set-up free many MB-sized tensors: give them back to the OS
     run.memory.begin()
     if cfg.model_path is not None and not os.path.isdir(os.path.expanduser(cfg.model_path)):
@@ -106,6 +106,6 @@ def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
         run.barrier()
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), model_path=cfg.model_path,
                         dtype=run.dtype, seed=cfg.seed, placement=placement(cfg, run, ds))
-    install_loss_head(model)
+    install_lm_head(model)
     run.memory.end(phase)
     return model

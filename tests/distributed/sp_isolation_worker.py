@@ -4,7 +4,7 @@ Every rank builds the same tiny Mixtral and first runs each document of a packed
 parallelism). Then the model's attention is made sequence-parallel over all ranks (model/sequence_parallel.py),
 each rank runs its shard of the packed row — the documents straddle the shard borders — and the shards'
 logits are gathered. Rank 0 writes the largest difference per document, in training and in eval mode,
-and the gradient check: Σ CE over the packed row through the LossHead on shards (summed over ranks) equals
+and the gradient check: Σ CE over the packed row through `causal_lm_loss` on shards (summed over ranks) equals
 the sum of the documents' own losses.
 """
 
@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO))
 
 from model import sequence_parallel  # noqa: E402
 from model.build import build_model  # noqa: E402
-from model.head import install_loss_head  # noqa: E402
-from model.losses import IGNORE_INDEX  # noqa: E402
+from model.head import NO_LOGITS, install_lm_head  # noqa: E402
+from model.losses import IGNORE_INDEX, causal_lm_loss  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -31,7 +31,7 @@ def main(out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     preset = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
     model = build_model(preset, seed=0)
-    head = install_loss_head(model)
+    head = install_lm_head(model)
     g = torch.Generator().manual_seed(1)
     lengths = [37, 50, 41, 31]  # 159 tokens: padded to a multiple of the world size, borders inside documents
     docs = [torch.randint(3, 32000, (n,), generator=g) for n in lengths]
@@ -61,8 +61,9 @@ def main(out: str) -> None:
         starts = torch.cumsum(torch.tensor([0] + lengths), 0)
         result[mode] = [float((full[s:e] - a).abs().max()) for s, e, a in zip(starts[:-1], starts[1:], alone[mode])]
     model.train()
-    with head.loss_on(b["targets"], shifted=True):
-        ce = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+    out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], output_hidden_states=True,
+                logits_to_keep=NO_LOGITS)
+    ce = causal_lm_loss(out.hidden_states[-1], head, b["targets"])
     total = ce.detach().clone()
     dist.all_reduce(total)
     result["ce_packed"], result["ce_alone"] = float(total), ce_alone

@@ -144,29 +144,36 @@ def test_packed_attention_matches_the_masked_sdpa(tiny_preset, monkeypatch):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_loss_head_returns_the_cross_entropy_of_the_logits(tiny_preset, tied):
-    """`LossHead` keeps the state dict (tied or not) and, inside `loss_on`, returns Σ CE of the logits it
-    returns outside it; its gradients equal autograd's through the logits."""
-    from model.head import LossHead, install_loss_head
+def test_lm_head_gives_logits_or_the_cross_entropy_of_them(tiny_preset, tied):
+    """`LMHead` keeps the state dict (tied or not); called without targets it is the nn.Linear it replaced;
+    `causal_lm_loss` on the model's final hidden states (no logits computed) equals Σ CE of those logits,
+    with autograd's gradients through them, for the LM head's weight and the model's other weights."""
+    from model.head import NO_LOGITS, LMHead, install_lm_head
+    from model.losses import causal_lm_loss
 
     model = build_model({**tiny_preset, "tie_word_embeddings": tied}, seed=0)
     keys, weight = list(model.state_dict()), model.get_output_embeddings().weight
-    head = install_loss_head(model)
-    assert isinstance(model.lm_head, LossHead) and head.weight is weight and list(model.state_dict()) == keys
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32000, (2, 16), generator=g)
-    labels = ids.clone()
-    labels[:, :5] = -100
+    plain = model(input_ids=ids).logits.detach()
+    head = install_lm_head(model)
+    assert isinstance(model.lm_head, LMHead) and head.weight is weight and list(model.state_dict()) == keys
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    targets[:, :4] = -100
     logits = model(input_ids=ids).logits
-    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
-    want_grad = torch.autograd.grad(want, weight)[0]
-    with head.loss_on(labels):
-        total = model(input_ids=ids).logits
-    assert total.dim() == 0 and head.labels_BS is None
+    torch.testing.assert_close(logits, plain)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                             reduction="sum")
+    inner = model.model.layers[0].self_attn.q_proj.weight
+    want_grads = torch.autograd.grad(want, [weight, inner])
+    out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=NO_LOGITS)
+    assert out.logits.shape == (2, 0, 32000)
+    total = causal_lm_loss(out.hidden_states[-1], model.lm_head, targets)
+    assert total.dim() == 0
     torch.testing.assert_close(total, want, atol=1e-3, rtol=1e-5)
-    torch.testing.assert_close(torch.autograd.grad(total, weight)[0], want_grad, atol=1e-5, rtol=1e-4)
+    for got, w in zip(torch.autograd.grad(total, [weight, inner]), want_grads):
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-4)
 
 
 def test_context_extension_overrides_a_model_paths_config(tiny_preset, tmp_path):
