@@ -15,6 +15,8 @@
    Written to `model_judgment/<judge>_single.jsonl` in FastChat's schema.
 3. Scores per turn, overall and per category: `scores.md`, `scores.json`, `mt_bench.png`.
 Rerunning skips what is already answered or judged.
+
+Over 250 lines because the three steps above are the benchmark's one protocol (FastChat's), kept in the order it runs.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Handles every layout the stages train in, gathering in process (all ranks must c
 
 Parameters are written shard by shard (`max_shard_bytes`) so rank 0 never holds the whole model,
 into `<out>.tmp` renamed to `<out>` only when complete.
+
+Over 250 lines because the gathering of each layout and the writing of the repository's files are one
+transaction (nothing lands unless every part is written); the card's text is model/card.py.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ rank then fills its new engine from those files (`load_portable`): its slice of 
 under expert parallelism, its partition under ZeRO) goes into the parameters, the fp32 master weights
 and the AdamW moments through DeepSpeed's `safe_set_full_*` API (ZeRO 1-3) or the torch optimizer's
 state (ZeRO-0). Files are read with `mmap`, so a rank touches only the bytes it keeps.
+
+Over 250 lines because converting and loading are the two halves of one file format, kept side by side.
 """
 
 from __future__ import annotations

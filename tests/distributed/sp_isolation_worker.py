@@ -61,9 +61,9 @@ def main(out: str) -> None:
         starts = torch.cumsum(torch.tensor([0] + lengths), 0)
         result[mode] = [float((full[s:e] - a).abs().max()) for s, e, a in zip(starts[:-1], starts[1:], alone[mode])]
     model.train()
-    out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], output_hidden_states=True,
+    fwd = model(input_ids=b["input_ids"], position_ids=b["position_ids"], output_hidden_states=True,
                 logits_to_keep=NO_LOGITS)
-    ce = causal_lm_loss(out.hidden_states[-1], head, b["targets"])
+    ce = causal_lm_loss(fwd.hidden_states[-1], head, b["targets"])
     total = ce.detach().clone()
     dist.all_reduce(total)
     result["ce_packed"], result["ce_alone"] = float(total), ce_alone
