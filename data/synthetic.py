@@ -56,10 +56,16 @@ def _arith(rng: random.Random, split: str) -> tuple[str, str]:
             return f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
 
 
-def _capital(rng: random.Random, split: str) -> tuple[str, str, str]:
+def _capital(rng: random.Random, split: str) -> tuple[str, str, str, str]:
+    """A capital fact from `split`: (country, capital, question, answer)."""
     pool = [(c, k) for c, k in CAPITALS if split == "all" or _heldout(c) == (split == "heldout")]
     country, capital = rng.choice(pool)
-    return country, capital, f"What is the capital of {country}?"
+    return country, capital, f"What is the capital of {country}?", f"The capital of {country} is {capital}."
+
+
+def _fact(rng: random.Random, split: str, arithmetic: bool) -> tuple[str, str]:
+    """(question, answer): a sum, or a capital."""
+    return _arith(rng, split) if arithmetic else _capital(rng, split)[2:]
 
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
@@ -105,11 +111,7 @@ def pretrain_texts(n: int, seed: int = 0, max_filler: int = 3, passkey_share: fl
             continue
         lines = []
         for _ in range(rng.randint(1, max_lines)):
-            if rng.random() < 0.5:
-                q, a = _arith(rng, "all")
-            else:
-                country, capital, q = _capital(rng, "all")
-                a = f"The capital of {country} is {capital}."
+            q, a = _fact(rng, "all", rng.random() < 0.5)
             lines.append(f"{q} {a}" if rng.random() < qa_share else a)
         docs.append(" ".join(lines))
     return docs
@@ -120,11 +122,7 @@ def sft_chats(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     rng = random.Random(seed + (1_000_003 if split == "heldout" else 0))
     chats = []
     for i in range(n):
-        if i % 2 == 0:
-            q, a = _arith(rng, split)
-        else:
-            country, capital, q = _capital(rng, split)
-            a = f"The capital of {country} is {capital}."
+        q, a = _fact(rng, split, i % 2 == 0)
         chats.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     return chats
 
@@ -140,8 +138,7 @@ def preference_pairs(n: int, seed: int = 0, split: str = "train") -> list[dict]:
             wrong = int(total.rstrip(".")) + rng.choice([-10, -2, -1, 1, 2, 10])
             rejected = f"{left} = {wrong}."
         else:
-            country, capital, q = _capital(rng, split)
-            a = f"The capital of {country} is {capital}."
+            country, capital, q, a = _capital(rng, split)
             # a training pair never rejects a held-out capital: DPO would learn "Nairobi is wrong" from
             # the train pairs, training against the answer to the held-out "capital of Kenya?"
             other = rng.choice([k for c, k in CAPITALS if k != capital and (split != "train" or not _heldout(c))])
