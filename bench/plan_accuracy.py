@@ -70,7 +70,7 @@ def planned_bytes(stage: str, ranks: int, overrides: list[str]) -> float:
     cfg = compose(stage, [*COMMON, *overrides])
     config, _ = model_config(cfg)
     return row(config, layout_of(cfg, ranks, torch.float32), tokens_per_micro_batch(cfg),
-               bool(cfg.model.gradient_checkpointing))["gpu"]
+               bool(cfg.model.gradient_checkpointing), stage == "dpo")["gpu"]
 
 
 def measured_bytes(stage: str, ranks: int, overrides: list[str], out: Path) -> float:

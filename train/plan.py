@@ -51,9 +51,9 @@ def model_config(cfg):
                                                                   if cfg.model_path else "")
 
 
-def row(config, layout: Layout, tokens: int, checkpointing: bool) -> dict:
+def row(config, layout: Layout, tokens: int, checkpointing: bool, dpo: bool = False) -> dict:
     b = per_rank_bytes(config, layout, checkpointing)
-    act = {c: activation_bytes(config, tokens, layout.dtype_bytes, c) for c in (True, False)}
+    act = {c: activation_bytes(config, tokens, layout.dtype_bytes, c, dpo) for c in (True, False)}
     a2a = alltoall_bytes(config, tokens, layout.dtype_bytes, layout.ep_size)
     gpu = peak_bytes(b, a2a + act[checkpointing])
     return {**b, "a2a": a2a, "act_ckpt": act[True], "act_full": act[False], "gpu": gpu}
@@ -92,7 +92,7 @@ def plan(cfg, gpus: int, gpu_memory_gb: float, host_memory_gb: float, nodes: int
         if key in seen:
             continue
         seen.add(key)
-        r = row(config, lay, tokens, ckpt)
+        r = row(config, lay, tokens, ckpt, cfg.stage == "dpo")
         host_ok = r["host"] <= 0.9 * host_memory_gb * GB / per_node * (lay.world // gpus if lay.world > gpus else 1)
         fits = r["gpu"] <= 0.9 * gpu_memory_gb * GB and host_ok
         name = (f"{lay.world} GPUs ZeRO-{lay.zero_stage}" + (f" + EP {lay.ep_size}" if lay.ep_size > 1 else "")
@@ -150,7 +150,8 @@ def recipe_line(recipe: str, gpus: int, nodes: int, gpu_memory_gb: float = 80.0)
     stage = recipe_stage(recipe)
     cfg = compose(stage, [f"recipe={recipe}", "model_path=null"])
     config, _ = model_config(cfg)
-    r = row(config, layout_of(cfg, gpus, DTYPES[2]), tokens_per_micro_batch(cfg), bool(cfg.model.gradient_checkpointing))
+    r = row(config, layout_of(cfg, gpus, DTYPES[2]), tokens_per_micro_batch(cfg), bool(cfg.model.gradient_checkpointing),
+            cfg.stage == "dpo")
     fits = r["gpu"] <= 0.9 * gpu_memory_gb * GB
     return (f"plan (python train/plan.py recipe={recipe} gpus={gpus} nodes={nodes}): {r['gpu'] / GB:.1f} GB per GPU "
             f"(weights {r['weights'] / GB:.1f}, gradients {r['gradients'] / GB:.1f}, optimizer {r['optimizer'] / GB:.1f}, "

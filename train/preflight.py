@@ -77,7 +77,7 @@ def check(cfg, world: int, local_world: int, dtype: torch.dtype, config=None) ->
     need = dict(per_rank_bytes(config, layout, bool(cfg.model.gradient_checkpointing)))
     # the planner's per-rank figure (train/plan.py): the state above plus activations and AutoEP's buffers
     tokens = tokens_per_micro_batch(cfg)
-    extra = (activation_bytes(config, tokens, layout.dtype_bytes, bool(cfg.model.gradient_checkpointing))
+    extra = (activation_bytes(config, tokens, layout.dtype_bytes, bool(cfg.model.gradient_checkpointing), cfg.stage == "dpo")
              + alltoall_bytes(config, tokens, layout.dtype_bytes, ep))
     need["total"] += peak_bytes(need, extra) - need["device"]
     need["device"] = peak_bytes(need, extra)
