@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -167,9 +168,17 @@ def _launch_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     return flags, rest
 
 
+def first_failure(failures: dict) -> int:
+    """The rank to report among torchrun's failed workers {rank: ProcessFailure}: the lowest rank that failed
+    by itself (an exit status, or a signal such as SIGKILL) before the lowest one ended by SIGTERM, which is
+    what torchrun sends the other workers once one has failed: they are not the cause."""
+    return min(failures, key=lambda r: (failures[r].exitcode == -signal.SIGTERM, r))
+
+
 def launch(script: str, flags: list[str], overrides: list[str]) -> None:
-    """Run `script overrides` on torchrun's launcher in this process; exit with the first failed worker's
-    status (a config error, status 2, was already printed by the worker: nothing is added)."""
+    """Run `script overrides` on torchrun's launcher in this process; exit with the status of the worker that
+    failed first (the lowest rank that was not merely stopped by torchrun's SIGTERM; a config error, status 2,
+    was already printed by the worker: nothing is added)."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -181,7 +190,7 @@ def launch(script: str, flags: list[str], overrides: list[str]) -> None:
     try:
         run(args)
     except ChildFailedError as e:
-        rank = min(e.failures)  # (every rank may have failed the same way: name the first)
+        rank = first_failure(e.failures)
         failure = e.failures[rank]
         status = failure.exitcode if failure.exitcode > 0 else 1
         if status != 2:

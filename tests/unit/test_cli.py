@@ -104,3 +104,22 @@ def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path):
         check_output_dir(compose("sft", [f"output_dir={out}", *ok]))  # accepted
     start_afresh(compose("sft", [f"output_dir={out}", "overwrite=true"]))
     assert sorted(p.name for p in out.iterdir()) == ["cache"]  # the tokenization cache is kept
+
+
+def test_the_launcher_names_the_worker_that_failed_not_the_ones_torchrun_stopped(tmp_path):
+    """Once a worker fails, torchrun sends SIGTERM to the others; the one to report is the cause, whatever its
+    rank, and among causes the lowest rank."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from train.cli import first_failure
+
+    def failed(rank, exitcode):
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(tmp_path / "none"))
+
+    term, kill = -signal.SIGTERM, -signal.SIGKILL
+    assert first_failure({0: failed(0, term), 1: failed(1, 3)}) == 1
+    assert first_failure({0: failed(0, term), 1: failed(1, term), 2: failed(2, kill), 3: failed(3, 3)}) == 2
+    assert first_failure({0: failed(0, 3), 1: failed(1, 3)}) == 0
+    assert first_failure({0: failed(0, term), 1: failed(1, term)}) == 0
