@@ -132,7 +132,8 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, to
 
 
 def pair_logps(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, segment_BL: torch.Tensor, shifted: bool = False):
-    """Summed log-probs of the chosen and rejected answers, and their token counts, each `(B,)`.
+    """Summed log-probs of the chosen and rejected answers, and their token counts, each `(B,)`, from logits
+    (eval; the DPO stage computes the log-probs from the LM head without logits and calls `answer_sums`).
 
     Only labelled positions are gathered (N of them), so no `(B, L, V)` fp32 log-softmax is built.
     `shifted=True`: labels and segment are already those of the token each position predicts (a
@@ -143,15 +144,22 @@ def pair_logps(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, segment_BL: to
     else:
         targets, seg, logits_BLV = labels_BL[:, 1:], segment_BL[:, 1:], logits_BLV[:, :-1]
     sel = targets != IGNORE_INDEX
-    logits_NV = logits_BLV[sel].float()
-    logp_N = torch.gather(logits_NV.log_softmax(-1), 1, targets[sel].unsqueeze(1)).squeeze(1)
+    logp_N = torch.gather(logits_BLV[sel].float().log_softmax(-1), 1, targets[sel].unsqueeze(1)).squeeze(1)
+    return answer_sums(logp_N, targets, seg)
+
+
+def answer_sums(logp_N: torch.Tensor, targets_BL: torch.Tensor, segment_BL: torch.Tensor):
+    """(chosen, rejected, n_chosen, n_rejected), each `(B,)`: the sums of `logp_N`, the log-probs of the positions
+    with a target (targets_BL ≠ IGNORE_INDEX, row-major order: `model.losses.token_logps`), over each row's
+    chosen (segment 1) and rejected (segment 2) answer, and how many positions each sum has."""
+    sel = targets_BL != IGNORE_INDEX
     rows_N = torch.nonzero(sel, as_tuple=True)[0]
-    seg_N = seg[sel]
-    B = labels_BL.shape[0]
+    seg_N = segment_BL[sel]
+    B, dtype, wide_N = targets_BL.shape[0], logp_N.dtype, logp_N.double()
     out = []
-    for s in (1, 2):
-        m = (seg_N == s).to(logp_N.dtype)
-        out.append(torch.zeros(B, dtype=logp_N.dtype, device=logp_N.device).index_add(0, rows_N, logp_N * m))
-        out.append(torch.zeros(B, dtype=logp_N.dtype, device=logp_N.device).index_add(0, rows_N, m))
+    for s in (1, 2):  # summed in fp64: an fp32 index_add's order, and so its last bits, depends on the batch's size
+        m = (seg_N == s).double()
+        out.append(torch.zeros(B, dtype=torch.float64, device=logp_N.device).index_add(0, rows_N, wide_N * m).to(dtype))
+        out.append(torch.zeros(B, dtype=torch.float64, device=logp_N.device).index_add(0, rows_N, m).to(dtype))
     chosen, n_chosen, rejected, n_rejected = out
     return chosen, rejected, n_chosen, n_rejected

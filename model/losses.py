@@ -36,6 +36,12 @@ def causal_lm_loss(hidden_BSH: torch.Tensor, lm_head, targets_BS: torch.Tensor) 
     return lm_head(hidden_BSH, targets_BS)
 
 
+def token_logps(hidden_BSH: torch.Tensor, lm_head, targets_BS: torch.Tensor) -> torch.Tensor:
+    """log softmax(h_bi · Wᵀ)[targets_BS[b, i]] at each position with a target, `(N,)` fp32 in row-major order:
+    `causal_lm_loss`'s terms one by one, through the same call of the head module (`linear_logps`)."""
+    return lm_head(hidden_BSH, targets_BS, per_token=True)
+
+
 def linear_ce_sum(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, labels_BS: torch.Tensor,
                   chunk_rows: int | None = None, shifted: bool = False) -> torch.Tensor:
     """Σ over label positions of the next-token cross-entropy of the LM head `hidden · Wᵀ`, never
@@ -62,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, targets_N, chunk_rows, grad_enabled):
         need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
-        chunk = chunk_rows or max(16, (1 << 22) // weight_VH.shape[0])  # 4M fp32 logits (16 MB) per chunk
+        chunk = _chunk(chunk_rows, weight_VH.shape[0])
         grad_NH = torch.empty_like(hidden_NH) if need_h else None
         grad_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden_NH.device)
@@ -101,6 +107,62 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_total.to(grad_NH.dtype if grad_NH is not None else grad_VH.dtype)
         return (grad_NH * scale if grad_NH is not None else None,
                 grad_VH * scale if grad_VH is not None else None, None, None, None)
+
+
+def linear_logps(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, targets_BS: torch.Tensor,
+                 chunk_rows: int | None = None) -> torch.Tensor:
+    """log p(target) under the LM head `hidden · Wᵀ` at every position that has a target, never materialising
+    the (B, S, V) logits: a `(N,)` fp32 vector, the positions with targets_BS ≠ IGNORE_INDEX in row-major order.
+
+    targets_BS[b, i] is the token position i predicts (already shifted, as `LMHead` takes them). `chunk_rows` rows
+    at a time: forward  z = h Wᵀ (fp32),  logp = z[target] − logsumexp(z);
+                backward (given g = ∂L/∂logp)  dz = g · (onehot(target) − softmax(z)),  dh = dz W,  dW += dzᵀ h,
+    recomputing each chunk's logits (the upstream gradient is not known in the forward, unlike `linear_ce_sum`'s).
+    So a DPO step keeps N × H hidden rows for its log-probs instead of N × V logits, their fp32 log-softmax and
+    their gradient."""
+    sel_BS = targets_BS != IGNORE_INDEX
+    return _LinearLogProbs.apply(hidden_BSH[sel_BS], weight_VH, targets_BS[sel_BS], chunk_rows)
+
+
+def _chunk(chunk_rows: int | None, vocab: int) -> int:
+    return chunk_rows or max(16, (1 << 22) // vocab)  # 4M fp32 logits (16 MB) per chunk
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, targets_N, chunk_rows):
+        chunk = _chunk(chunk_rows, weight_VH.shape[0])
+        logp_N = torch.empty(hidden_NH.shape[0], dtype=torch.float32, device=hidden_NH.device)
+        for s in range(0, hidden_NH.shape[0], chunk):
+            h_CH, t_C = hidden_NH[s:s + chunk], targets_N[s:s + chunk]
+            # a short chunk is padded to `chunk` rows: matmul kernels for few rows sum in another order, and a
+            # pair's log-prob must not depend on which pairs share its batch (the precomputed reference's pass
+            # groups pairs otherwise than training: policy = reference must give exactly ln 2)
+            z_CV = (F.pad(h_CH, (0, 0, 0, chunk - len(h_CH))) @ weight_VH.T)[:len(h_CH)].float()
+            logp_N[s:s + chunk] = z_CV.gather(1, t_C.unsqueeze(1)).squeeze(1) - torch.logsumexp(z_CV, -1)
+        ctx.save_for_backward(hidden_NH, weight_VH, targets_N)
+        ctx.chunk = chunk
+        return logp_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        hidden_NH, weight_VH, targets_N = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_NH = torch.empty_like(hidden_NH) if need_h else None
+        grad_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+        for s in range(0, hidden_NH.shape[0], ctx.chunk):
+            h_CH, t_C, g_C = hidden_NH[s:s + ctx.chunk], targets_N[s:s + ctx.chunk], grad_N[s:s + ctx.chunk].float()
+            dz_CV = torch.softmax((h_CH @ weight_VH.T).float(), -1).mul_(-g_C.unsqueeze(1))
+            dz_CV[torch.arange(len(t_C), device=t_C.device), t_C] += g_C
+            dz_CV = dz_CV.to(hidden_NH.dtype)
+            if need_h:
+                torch.mm(dz_CV, weight_VH, out=grad_NH[s:s + ctx.chunk])
+            if need_w:
+                if dz_CV.dtype == torch.float32:
+                    grad_VH.addmm_(dz_CV.T, h_CH)
+                else:  # bf16 / fp16: each chunk's product in its dtype, the sum over chunks in fp32
+                    grad_VH += dz_CV.T @ h_CH
+        return grad_NH, grad_VH.to(weight_VH.dtype) if need_w else None, None, None
 
 
 def sequence_logps(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

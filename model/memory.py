@@ -121,10 +121,10 @@ def activation_bytes(config, tokens: int, dtype_bytes: int, checkpointing: bool,
     Plus the fused loss head (model/losses.py): the final hidden states and their gradient (2 · b · hidden per
     token), and one chunk of ~4M logits in fp32 with its softmax (2 · 4 · chunk · V; + b · chunk · V for the
     gradient cast to a 16-bit dtype).
-    DPO instead takes log-probs from whole logits (train/dpo.py `pair_logps`): per token the logits (b · V), their
-    fp32 log-softmax (4 · V) and, in backward, their gradient (b · V); and its reference forward (no grad, adapters
-    off or a live reference) runs while the policy's activations are kept: one more layer's activations (counted for
-    a precomputed reference too, where it over-counts by that layer).
+    DPO takes its answer log-probs through the same head in chunks (model/losses.py `linear_logps`: the selected
+    hidden rows are kept instead of logits, counted in the 2 · b · hidden), and its reference forward (no grad,
+    adapters off or a live reference) runs while the policy's activations are kept: one more layer's activations
+    (counted for a precomputed reference too, where it over-counts by that layer).
     """
     h, f, k, e = config.hidden_size, config.intermediate_size, config.num_experts_per_tok, config.num_local_experts
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
@@ -135,7 +135,7 @@ def activation_bytes(config, tokens: int, dtype_bytes: int, checkpointing: bool,
     chunk_logits = max(16, (1 << 22) // config.vocab_size) * config.vocab_size
     head = tokens * 2 * dtype_bytes * h + chunk_logits * (8 + (dtype_bytes if dtype_bytes < 4 else 0))
     if dpo:
-        head = tokens * (2 * dtype_bytes * h + config.vocab_size * (2 * dtype_bytes + 4) + layer)
+        head += tokens * layer
     return tokens * kept + head
 
 

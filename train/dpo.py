@@ -25,11 +25,10 @@ import torch
 
 from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
-from data.preference import collate, pair_logps
+from data.preference import collate
 from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
 from model.losses import dpo_loss
-from model.sequence_parallel import group_sum
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, load_balancing_loss, z_loss
 from train import cli, faults, reference
 from train.checkpoints import end_of_step, maybe_resume
@@ -82,20 +81,18 @@ def main(cfg) -> None:
         sums = torch.zeros(7, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll
         router = RouterStep(recorder.num_layers, num_experts, top_k, run.gas)
         for ix, b in zip(index, micro_batches):
+            # whole-row sums of the answers' log-probs, from the LM head without logits (a sequence-parallel
+            # rank's gradient flows through its own tokens); the router logits of every layer in recorder.logits
             with recorder:
-                out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-            # whole-row sums: a sequence-parallel rank's gradient flows through its own tokens (group_sum)
-            pol_c, pol_r, n_c, n_r = map(group_sum, pair_logps(out.logits, b["targets"], b["target_segment"], shifted=True))
+                pol_c, pol_r, n_c, n_r = reference.answer_logps(engine, b)
             with torch.no_grad():
                 if ref_table is not None:
                     ref_c, ref_r = ref_table[ix, 0].to(pol_c), ref_table[ix, 1].to(pol_c)
                 elif ref_engine is not None:
-                    ref_out = ref_engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-                    ref_c, ref_r, _, _ = map(group_sum, pair_logps(ref_out.logits, b["targets"], b["target_segment"], shifted=True))
+                    ref_c, ref_r, _, _ = reference.answer_logps(ref_engine, b)
                 else:  # adapters_off
                     with engine.module.disable_adapter():
-                        ref_out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-                    ref_c, ref_r, _, _ = map(group_sum, pair_logps(ref_out.logits, b["targets"], b["target_segment"], shifted=True))
+                        ref_c, ref_r, _, _ = reference.answer_logps(engine, b)
             if ipo:  # IPO compares per-token averages
                 pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
             losses, r_chosen, r_rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, cfg.dpo.loss_type,

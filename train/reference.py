@@ -15,6 +15,7 @@ ZeRO-3 parameter gathering and expert-parallel all-to-all need all ranks in ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -24,9 +25,22 @@ import torch
 import torch.distributed as dist
 
 from data.dataset import fingerprint, file_sha
-from data.preference import collate, pair_logps
+from data.preference import answer_sums, collate
 from model import sequence_parallel
+from model.head import NO_LOGITS, final_hidden
+from model.losses import token_logps
 from model.sequence_parallel import group_sum
+
+
+def answer_logps(model, b: dict) -> tuple[torch.Tensor, ...]:
+    """(chosen, rejected, n_chosen, n_rejected), each `(B,)`, of a collated (and sequence-sharded) batch `b` of
+    pairs under `model` (an engine, the policy or a reference): one forward that computes no logits, the
+    answer tokens' log-probs from the LM head in chunks (`token_logps`), summed per answer and over the
+    sequence-parallel group (the gradient flows through this rank's tokens)."""
+    with final_hidden(model) as hidden:
+        model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False, logits_to_keep=NO_LOGITS)
+    logp_N = token_logps(hidden[0], model.get_output_embeddings(), b["targets"])
+    return tuple(map(group_sum, answer_sums(logp_N, b["targets"], b["target_segment"])))
 
 
 def weights_fingerprint(cfg) -> dict:
@@ -61,12 +75,8 @@ def compute_logps(engine, pairs: list[dict], micro: int, tokenizer, run, adapter
     for it in progress(range(iters), desc, enabled=rank == 0):
         ix = mine[it * micro:(it + 1) * micro]
         b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer), tokenizer.pad_id)
-        if adapters_off:
-            with engine.module.disable_adapter():
-                out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-        else:
-            out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-        chosen, rejected, _, _ = map(group_sum, pair_logps(out.logits, b["targets"], b["target_segment"], shifted=True))
+        with engine.module.disable_adapter() if adapters_off else contextlib.nullcontext():
+            chosen, rejected, _, _ = answer_logps(engine, b)
         for j, i in enumerate(ix):
             if i not in seen and (i % world) == rank and run.rank % run.sp == 0:
                 table[i, 0], table[i, 1] = chosen[j].double().cpu(), rejected[j].double().cpu()

@@ -157,6 +157,16 @@ def test_matches_trl_dpo_trainer(loss_type, eps, tokenizer, tmp_path):
         b = collate(pairs, tokenizer.pad_id)
         pc, pr, nc, nr = pair_logps(policy(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits, b["labels"], b["segment"])
         rc, rr, _, _ = pair_logps(ref(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits, b["labels"], b["segment"])
+        # the DPO stage's own path: the LM head's log-probs without logits, from the final norm's output
+        from model.head import install_lm_head
+        from model.sequence_parallel import shift
+        from train.reference import answer_logps
+
+        install_lm_head(policy), install_lm_head(ref)
+        staged = {**b, "targets": shift(b["labels"]), "target_segment": shift(b["segment"])}
+        stage_logps = [answer_logps(policy, staged), answer_logps(ref, staged)]
+    for got, want in zip([*stage_logps[0], *stage_logps[1][:2]], [pc, pr, nc, nr, rc, rr]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if loss_type == "ipo":
         pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
     ours = dpo_loss(pc, pr, rc, rr, 0.2, loss_type, eps)[0].mean()
@@ -214,3 +224,54 @@ def test_linear_ce_sum_frozen_weight_and_no_grad():
                                                  reduction="sum")
         assert want > 1000
         torch.testing.assert_close(linear_ce_sum(wide, weight, labels), want, atol=1e-2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("labelled", [0.9, 0.3], ids=["mostly_labelled", "sparse"])
+def test_linear_logps_match_autograd_through_logits(labelled, dtype):
+    """DPO's chunked LM-head log-probs (logits recomputed in backward) against F.linear + log-softmax by
+    definition: same values, same gradients for hidden and weight under a random upstream gradient, with
+    chunks that do not divide N; under no_grad nothing is kept."""
+    from model.losses import linear_logps
+
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 11, 16, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (3, 11), generator=g)
+    targets[torch.rand(3, 11, generator=g) > labelled] = -100
+    logp = linear_logps(hidden, weight, targets, chunk_rows=4)
+    upstream = torch.randn(logp.shape, generator=g)
+    (logp * upstream).sum().backward()
+    logits = (hidden.detach().float() @ weight.detach().float().T).requires_grad_()
+    sel = targets != -100
+    want = logits.log_softmax(-1)[sel].gather(1, targets[sel].unsqueeze(1)).squeeze(1)
+    assert sel.sum() > 3 and logp.dtype == torch.float32 and logp.shape == want.shape
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(logp.detach(), want.detach(), **tol)
+    dlogits = torch.autograd.grad((want * upstream).sum(), logits)[0]
+    torch.testing.assert_close(hidden.grad.float(), dlogits @ weight.detach().float(), **tol)
+    torch.testing.assert_close(weight.grad.float(), dlogits.flatten(0, 1).T @ hidden.detach().float().flatten(0, 1), **tol)
+    frozen = weight.detach()  # LoRA: the head is frozen, only hidden gets a gradient
+    hidden.grad = None
+    (linear_logps(hidden, frozen, targets, chunk_rows=5) * upstream).sum().backward()
+    torch.testing.assert_close(hidden.grad.float(), dlogits @ weight.detach().float(), **tol)
+    with torch.no_grad():
+        assert linear_logps(hidden, weight, targets).grad_fn is None
+
+
+def test_final_hidden_is_what_the_head_reads(tokenizer):
+    """`final_hidden` hands over the last norm's output, which through the head gives the model's own logits."""
+    from omegaconf import OmegaConf
+
+    from model.build import build_model
+    from model.head import NO_LOGITS, final_hidden
+    from train.config import compose
+
+    model = build_model(OmegaConf.to_container(compose("sft").model), seed=0).eval()
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris.")])
+    with torch.no_grad():
+        logits = model(ids).logits
+        with final_hidden(model) as hidden:
+            out = model(ids, logits_to_keep=NO_LOGITS)
+        assert out.logits.numel() == 0 and len(hidden) == 1
+        torch.testing.assert_close(model.get_output_embeddings()(hidden[0]), logits)
