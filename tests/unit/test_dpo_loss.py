@@ -174,6 +174,16 @@ def test_matches_trl_dpo_trainer(loss_type, eps, tokenizer, tmp_path):
     assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-4, abs=1e-5)
 
 
+def _head_case(seed, dtype, labelled):
+    """(generator, hidden (3, 11, 16), LM-head weight (50, 16), labels with a share `labelled` not IGNORE_INDEX)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 11, 16, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (3, 11), generator=g)
+    labels[torch.rand(3, 11, generator=g) > labelled] = -100
+    return g, hidden, weight, labels
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("labelled", [0.9, 0.3], ids=["mostly_labelled", "sparse"])
 def test_linear_ce_sum_matches_autograd_through_logits(labelled, dtype):
@@ -181,11 +191,7 @@ def test_linear_ce_sum_matches_autograd_through_logits(labelled, dtype):
     definition: same sum, same gradients for hidden and weight, with chunks that do not divide N."""
     from model.losses import linear_ce_sum
 
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 11, 16, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
-    labels = torch.randint(0, 50, (3, 11), generator=g)
-    labels[torch.rand(3, 11, generator=g) > labelled] = -100
+    g, hidden, weight, labels = _head_case(0, dtype, labelled)
     total = linear_ce_sum(hidden, weight, labels, chunk_rows=4)
     (total * 0.5).backward()  # a non-unit upstream gradient, as DeepSpeed's loss scaling gives
     logits = (hidden.detach().float() @ weight.detach().float().T).requires_grad_()
@@ -234,11 +240,7 @@ def test_linear_logps_match_autograd_through_logits(labelled, dtype):
     chunks that do not divide N; under no_grad nothing is kept."""
     from model.losses import linear_logps
 
-    g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(3, 11, 16, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
-    targets = torch.randint(0, 50, (3, 11), generator=g)
-    targets[torch.rand(3, 11, generator=g) > labelled] = -100
+    g, hidden, weight, targets = _head_case(2, dtype, labelled)
     logp = linear_logps(hidden, weight, targets, chunk_rows=4)
     upstream = torch.randn(logp.shape, generator=g)
     (logp * upstream).sum().backward()
