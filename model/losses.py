@@ -165,15 +165,6 @@ class _LinearLogProbs(torch.autograd.Function):
         return grad_NH, grad_VH.to(weight_VH.dtype) if need_w else None, None, None
 
 
-def sequence_logps(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of log p(label) over label positions `(B,)`, and the per-row label count `(B,)`."""
-    targets_BS = labels_BS[:, 1:]
-    mask_BS = targets_BS != IGNORE_INDEX
-    safe_BS = targets_BS.masked_fill(~mask_BS, 0)
-    logp_BS = torch.gather(logits_BSV[:, :-1].float().log_softmax(-1), 2, safe_BS.unsqueeze(-1)).squeeze(-1)
-    return (logp_BS * mask_BS).sum(-1), mask_BS.sum(-1)
-
-
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
