@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from model.router import fp32_router_logits
 from model.load import Placement, load_checkpoint, skeleton, stream_init
 from model.weights import Checkpoint
 from model.tiled_moe import tile_moe_blocks
@@ -131,6 +132,7 @@ def build_model(
     if gradient_checkpointing if gradient_checkpointing is not None else preset.get("gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    fp32_router_logits(model)  # bf16 weights, fp32 routing decisions (model/router.py)
     return model
 
 

@@ -106,6 +106,42 @@ def fp32_master_shared():
         Stage3._create_fp32_partitions = original
 
 
+def settle_zero0(engine) -> None:
+    """Right after `deepspeed.initialize`, two ZeRO-0 engines made as the stages expect them (no-op otherwise).
+
+    * bf16/fp16: DeepSpeed wraps the client optimizer in `FP16_UnfusedOptimizer` (fp32 master copies), whose
+      `initialize_optimizer_states` takes one AdamW step on zero gradients to create the states: Adam's step
+      count starts one ahead (the first real update is 0.735× its size with betas (0.9, 0.95)) and weight
+      decay is applied once to the masters. The states are dropped (AdamW makes them again at the first real
+      step) and the masters copied again from the untouched 16-bit weights.
+    * fp32: the engine clips through `clip_fp32_gradients`, which discards the norm it computes, so
+      `get_global_grad_norm()` answered None. The norm is kept (and computed when clipping is off, too).
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    if engine.zero_optimization_stage() != 0:
+        return
+    if isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        engine.optimizer.optimizer.state.clear()
+        engine.optimizer.refresh_fp32_params()
+    elif not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        def clip_and_keep_norm():
+            max_norm = engine.gradient_clipping() if engine.gradient_clipping() > 0 else float("inf")
+            engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=max_norm,
+                                                       mpu=engine.mpu)
+
+        engine.clip_fp32_gradients = clip_and_keep_norm
+        if engine.gradient_clipping() == 0:  # the engine calls it only when clipping: measure the norm anyway
+            step = engine._take_model_step
+
+            def take_model_step(lr_kwargs):
+                clip_and_keep_norm()
+                return step(lr_kwargs)
+
+            engine._take_model_step = take_model_step
+
+
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 

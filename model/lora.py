@@ -22,8 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def apply_lora(model, lora_cfg):
-    """Wrap `model` with peft adapters; returns the PeftModel (base weights frozen)."""
+def apply_lora(model, lora_cfg, dtype=None):
+    """Wrap `model` with peft adapters; returns the PeftModel (base weights frozen). The adapters are made in
+    `dtype` (the run's): peft creates them in torch's default dtype, and ZeRO-3 partitions them as they are,
+    so a bf16 run trained fp32 adapters there (ZeRO 0-2 cast the module) and its merged bf16 export differed
+    from the live model."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -34,7 +38,12 @@ def apply_lora(model, lora_cfg):
         modules_to_save=["mlp.gate"] if lora_cfg.train_router else None,
         bias="none", task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and not hasattr(p, "ds_id"):
+                p.data = p.data.to(dtype)
+    return model
 
 
 def lora_scaling(lora_cfg) -> float:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 
 def _rows_sum(x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
@@ -216,11 +217,53 @@ class RouterLogitsRecorder:
         self._handles = []
 
 
+class _Fp32TopKRouter(MixtralTopKRouter):
+    """transformers' `MixtralTopKRouter` with its logits computed in fp32 (the class an instance is switched to
+    by `fp32_router_logits`; same parameters, same outputs in an fp32 model)."""
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.float(), self.weight.float())  # (T, E) fp32
+        router_probs = torch.softmax(router_logits, dim=-1)
+        top_value, indices = torch.topk(router_probs, self.top_k, dim=-1)
+        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        return router_logits, top_value, indices
+
+
+class _Fp32Linear(nn.Linear):
+    """AutoEP's router projection (`mlp.router.gate`, an nn.Linear) with fp32 output."""
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def fp32_router_logits(model: nn.Module) -> int:
+    """Make every MoE router compute its logits in fp32, whatever the weights' dtype; returns how many.
+
+    In a bf16 model both transformers' router and AutoEP's project the hidden states in bf16 and only then
+    take the softmax in fp32: logits rounded to 8 significant bits flip near-tied top-2 choices, and the
+    router losses (z-loss squares the logsumexp) see the rounding. Here x and W are upcast before the
+    product (the gradient flows back to the bf16 weight and activations as usual). A no-op in fp32 models.
+    Instances keep their parameters and hooks (ZeRO-3's included); only their class changes.
+    """
+    n = 0
+    for router in _router_modules(model):
+        for m in router.modules():  # peft's modules_to_save wraps the router: switch the copies inside
+            if type(m) is MixtralTopKRouter:
+                m.__class__ = _Fp32TopKRouter
+            elif type(m) is nn.Linear:
+                m.__class__ = _Fp32Linear
+            else:
+                continue
+            n += 1
+    return n
+
+
 def _router_modules(model: nn.Module) -> list[nn.Module]:
     """The router module of every MoE layer, in layer order."""
     found = []
     for name, module in model.named_modules():
-        if not name.endswith(".mlp"):
+        if name.rsplit(".", 1)[-1] != "mlp":
             continue
         router = getattr(getattr(module, "router", None), "gate", None)  # DeepSpeed AutoEP layer
         if router is None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from model.load import Placement, skeleton
+from model.router import fp32_router_logits
 from model.weights import Checkpoint
 
 
@@ -25,9 +26,32 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.
         owner._parameters[attr] = nn.Parameter(ckpt.full(prefix + name).to(dtype), requires_grad=False)
 
 
+class _ForcedRouting:
+    """Around one decoder layer: its router keeps its own weights (the routing weights are the softmax of its
+    own logits over the chosen experts) but chooses the experts given in `indices` (T, K)."""
+
+    def __init__(self, router, indices: torch.Tensor):
+        self.router, self.indices, self.forward = router, indices, router.forward
+
+    def __enter__(self):
+        def forward(hidden_states):
+            logits, _, _ = self.forward(hidden_states)
+            probs = torch.softmax(logits.float(), dim=-1).gather(-1, self.indices)
+            return logits, probs / probs.sum(-1, keepdim=True), self.indices
+
+        self.router.forward = forward
+
+    def __exit__(self, *exc):
+        del self.router.forward
+
+
 @torch.no_grad()
-def streamed_logits(folder: str | Path, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, S, V) logits of the HF folder's model on `input_ids` (one document per row, no padding)."""
+def streamed_logits(folder: str | Path, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    routing: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, S, V) logits of the HF folder's model on `input_ids` (one document per row, no padding), computed
+    in `dtype` (routers in fp32, as in training: model/router.py). `routing`: one (B·S, K) tensor of expert
+    indices per layer to use instead of the folder's own top-k choices (the export check replays the live
+    model's choices, so that a near-tie that rounds the other way in another kernel cannot move a logit)."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 
@@ -44,7 +68,12 @@ def streamed_logits(folder: str | Path, input_ids: torch.Tensor, dtype: torch.dt
     rope = MixtralRotaryEmbedding(config)(hidden, position_ids)
     for i, layer in enumerate(inner.layers):
         _materialise(layer, f"model.layers.{i}.", ckpt, dtype)
-        hidden = layer(hidden, position_embeddings=rope, attention_mask=None, position_ids=position_ids)
+        fp32_router_logits(layer)
+        if routing is None:
+            hidden = layer(hidden, position_embeddings=rope, attention_mask=None, position_ids=position_ids)
+        else:
+            with _ForcedRouting(layer.mlp.gate, routing[i]):
+                hidden = layer(hidden, position_embeddings=rope, attention_mask=None, position_ids=position_ids)
         layer.to_empty(device="meta")
     _materialise(inner.norm, "model.norm.", ckpt, dtype)
     hidden = inner.norm(hidden)

@@ -36,7 +36,7 @@ def train(cfg, kind: str) -> None:
     rows, _ = training_rows(cfg, kind, tokenizer, run)
     model = load_model(cfg, run)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, run.dtype)
     engine, guard = build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
     head = model.get_output_embeddings()  # an LMHead (model/head.py): head(hidden, targets) is Σ CE

@@ -193,7 +193,7 @@ def launch(script: str, flags: list[str], overrides: list[str]) -> None:
         rank = first_failure(e.failures)
         failure = e.failures[rank]
         status = failure.exitcode if failure.exitcode > 0 else 1
-        if status != 2:
+        if status not in (2, 4):  # the worker printed its one line (a config error, a failed export check)
             how = f"status {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"
             print(f"{Path(script).name}: rank {rank} ended with {how}; its messages are above", file=sys.stderr,
                   flush=True)

@@ -49,7 +49,7 @@ def main(cfg) -> None:
     pairs, _ = training_rows(cfg, "preference", tokenizer, run)
     model = load_model(cfg, run)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, run.dtype)
     engine, guard = build_engine(cfg, model, run)
     recorder = RouterLogitsRecorder(engine.module)
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts

@@ -43,6 +43,15 @@ def inner_optimizer(engine):
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def zero0_masters(engine) -> dict[int, torch.Tensor]:
+    """bf16/fp16 ZeRO-0: DeepSpeed's `FP16_UnfusedOptimizer` steps fp32 master copies of the module's 16-bit
+    parameters; {id(module parameter): its master}. Empty for every other engine."""
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() != 0 or not hasattr(opt, "fp32_groups") or not hasattr(opt, "fp16_groups"):
+        return {}
+    return {id(p16): p32 for g16, g32 in zip(opt.fp16_groups, opt.fp32_groups) for p16, p32 in zip(g16, g32)}
+
+
 def layout_record(cfg, world: int, stage: int) -> dict:
     """What a checkpoint's files depend on (saved beside them), and what must not change on resume."""
     return {"world_size": world, "expert_parallel_size": cfg.expert_parallel_size, "zero_stage": stage,
@@ -59,6 +68,7 @@ def checkpoint_record(engine, cfg, world: int, step: int) -> dict:
               "optimizer_steps": int(steps[0]) if steps else 0,
               "scheduler_steps": int(engine.lr_scheduler.last_epoch)}
     names = {id(p): n for n, p in engine.module.named_parameters()}
+    names |= {id(master): names[module_param] for module_param, master in zero0_masters(engine).items()}
     params = [p for g in opt.param_groups for p in g["params"]]
     if engine.zero_optimization_stage() == 0 and all(id(p) in names for p in params):
         record["optimizer_params"] = [names[id(p)] for p in params]
@@ -106,15 +116,21 @@ def write_portable(source: Path, out: Path, log: Path) -> None:
 
 
 def _from_zero0(source: Path, layout: dict):
-    """(name, state) from a ZeRO-0 checkpoint: the module's state dict and the torch optimizer's."""
+    """(name, state) from a ZeRO-0 checkpoint: the module's state dict and the torch optimizer's (bf16/fp16:
+    the fp32 masters and the torch optimizer's state inside DeepSpeed's `FP16_UnfusedOptimizer` state)."""
     from train.checkpoints import deepspeed_checkpoint_globals
 
     with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
         sd = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True, mmap=True)
-    order = [i for g in sd["optimizer"]["param_groups"] for i in g["params"]]
-    for index, name in zip(order, layout["optimizer_params"]):
-        state = sd["optimizer"]["state"].get(index, {})
-        yield canonical_name(name), {"fp32": sd["module"][name], **{k: state[k] for k in MOMENTS if k in state}}
+    optimizer, masters = sd["optimizer"], None
+    if "optimizer_state_dict" in optimizer:  # 16-bit: masters in the torch optimizer's parameter order
+        masters = [t for group in optimizer["fp32_groups"] for t in group]
+        optimizer = optimizer["optimizer_state_dict"]
+    order = [i for g in optimizer["param_groups"] for i in g["params"]]
+    for j, (index, name) in enumerate(zip(order, layout["optimizer_params"])):
+        state = optimizer["state"].get(index, {})
+        fp32 = masters[j] if masters is not None else sd["module"][name]
+        yield canonical_name(name), {"fp32": fp32, **{k: state[k] for k in MOMENTS if k in state}}
 
 
 def _from_universal(source: Path, universal: Path, log: Path):
@@ -176,7 +192,7 @@ def load_portable(engine, folder: Path, model_config, ep_size: int, ep_rank: int
                 state.setdefault(key, torch.zeros_like(flat))
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
             engine.optimizer._lazy_init_hp_params_optimizer_state()
-    missing = []
+    missing, masters = [], zero0_masters(engine)
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
@@ -187,12 +203,14 @@ def load_portable(engine, folder: Path, model_config, ep_size: int, ep_rank: int
             continue
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         values = {k: _local_piece(name, v, E, I, H, local).contiguous().to(torch.float32) for k, v in saved.items()}
-        if not hasattr(p, "ds_id") and not hasattr(p, "_hp_mapping"):  # plain torch optimizer (fp32 ZeRO-0)
-            p.data.copy_(values["fp32"].view_as(p))
-            state = opt.state[p]
+        if not hasattr(p, "ds_id") and not hasattr(p, "_hp_mapping"):  # a torch optimizer (ZeRO-0)
+            target = masters.get(id(p), p)  # 16-bit: the fp32 master is what the optimizer steps
+            target.data.copy_(values["fp32"].view_as(p))
+            p.data.copy_(target.data)
+            state = opt.state[target]
             for key in MOMENTS:
                 if key in values:
-                    state[key] = values[key].view_as(p).to(p.dtype).clone()
+                    state[key] = values[key].view_as(p).to(target.dtype).clone()
         else:
             full = values["fp32"].view(-1)
             safe_set_full_fp32_param(p, full)

@@ -3,6 +3,7 @@ merged weights), the check that the export's logits equal the live model's, the 
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -63,14 +64,37 @@ def _export(engine, cfg, run: Run, model, tokenizer) -> None:
               training_config=OmegaConf.to_yaml(cfg, resolve=True), card=card)
     run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
     if cfg.verify_export:
-        e = verify_export(engine, run.out / "hf", probe)
-        if run.main:
-            run.print(f"[{cfg.stage}] export check: probe model.export.probe_ids(vocab {model.config.vocab_size}), "
-                      f"2 × {probe[0].shape[1] if probe else 32} tokens; live logits sum {e['live_sum']:.6f}; "
-                      f"max |logits(export) - logits(live)| = {e['max_abs_diff']:.2e} "
-                      f"(tolerance {e['tol']:g} × {e['scale']:.3g})")
+        e = verify_export(engine, run.out / "hf", probe, run.dtype)
+        evidence = (f"probe model.export.probe_ids(vocab {model.config.vocab_size}), 2 × {probe[0].shape[1]} tokens, "
+                    f"{str(run.dtype).removeprefix('torch.')}; live logits sum {e['live_sum']:.6f}; "
+                    f"max |logits(export) - logits(live)| = {e['max_abs_diff']:.2e} (tolerance {e['tol']:g} × {e['scale']:.3g})")
+        if not e["passed"]:
+            _export_check_failed(cfg, run, evidence)
+        run.print(f"[{cfg.stage}] export check: {evidence}")
     if cfg.hub.repo_id and run.main:
         push_to_hub(run.out / "hf", cfg.hub.repo_id, cfg.hub.private, run, cfg.stage)
+
+
+def _export_check_failed(cfg, run: Run, evidence: str) -> None:
+    """Every rank ends here together (the verdict was broadcast): the export moves to `hf.check_failed/` with
+    a note saying why, one line tells the user, status 4. The trained weights stay on disk in that folder (and
+    in the final checkpoint when checkpoints are on)."""
+    import os
+    import shutil
+
+    failed = run.out / "hf.check_failed"
+    if run.main:
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(run.out / "hf", failed)
+        (failed / "EXPORT_CHECK_FAILED.txt").write_text(
+            "These weights are the trained model's, but their logits did not match the live model's:\n"
+            f"{evidence}\nDo not publish them as they are; please report this with the run's config.yaml.\n")
+        print(f"[{cfg.stage}] export check failed: {evidence}; the export is kept in {failed} (not hf/)"
+              + (f", the trained state in {run.out / 'checkpoints'}" if cfg.checkpoint_every else ""),
+              file=sys.stderr, flush=True)
+    run.barrier()
+    faults.finished()
+    sys.exit(4)
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool, run: Run, stage: str) -> None:

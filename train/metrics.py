@@ -39,7 +39,8 @@ class RouterStep:
 
 def step_values(engine, guard: faults.NonFinite, batches, step: int, skipped: int) -> dict:
     """The metrics every stage logs after optimizer step `step`: lr, gradient norm, data position, skips."""
-    return {"lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+    norm = engine.get_global_grad_norm()  # every layout measures it (model.distributed.settle_zero0 for ZeRO-0)
+    return {"lr": engine.get_lr()[0], "grad_norm": None if norm is None else float(norm),
             "epoch": batches.epoch(step), "rows": batches.global_rows(step - 1),
             "skipped": skipped, "skipped_total": guard.total}
 

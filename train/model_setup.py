@@ -11,9 +11,10 @@ from omegaconf import OmegaConf
 
 from model import sequence_parallel
 from model.build import build_model, model_folder
-from model.distributed import deepspeed_config, fp32_master_shared, mark_moe_leaf_modules, zero_stage
+from model.distributed import deepspeed_config, fp32_master_shared, mark_moe_leaf_modules, settle_zero0, zero_stage
 from model.head import install_lm_head
 from model.load import Placement, check_expert_placement, expert_parallel_rank
+from model.router import fp32_router_logits
 from train import faults
 from train.checkpoints import prepare_elastic_resume
 from train.memory_log import set_mmap_threshold
@@ -76,6 +77,8 @@ def build_engine(cfg, model, run: Run):
     with fp32_master_shared():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=mpu,
                                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    settle_zero0(engine)
+    fp32_router_logits(engine.module)  # AutoEP built new routers inside initialize
     check_expert_placement(engine.module, placement(cfg, run, ds))
     set_mmap_threshold((4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log.set_mmap_threshold
     run.memory.end("engine")

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.dataset import fingerprint, file_sha
+from data.dataset import GlobalBatches, fingerprint, file_sha
 from data.preference import answer_sums, collate
 from model import sequence_parallel
 from model.head import NO_LOGITS, final_hidden
 from model.losses import token_logps
+from model.router import fp32_router_logits
 from model.sequence_parallel import group_sum
 
 
@@ -57,31 +58,36 @@ def weights_fingerprint(cfg) -> dict:
 
 
 @torch.no_grad()
-def compute_logps(engine, pairs: list[dict], micro: int, tokenizer, run, adapters_off: bool = False,
+def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int, tokenizer, run, adapters_off: bool = False,
                   desc: str = "reference log-probs", mask_common_suffix: bool = False) -> torch.Tensor:
     """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights.
-    Each data-parallel group of `run` computes its share of the pairs (a sequence-parallel group: each rank
-    its share of their tokens)."""
-    n, rank, world = len(pairs), run.dp_rank, run.dp
+
+    The pass runs the training's own micro-batches (`batches`, from step 0 until every pair has been seen),
+    so each pair's values come from the forward in which training first meets it, with the same
+    batch-mates and padding: a bf16 forward's last bits depend on them (matrix kernels tile by row count,
+    experts group the batch's tokens), so a pass in another order would make the reference differ from
+    the policy at step 1. Each data-parallel group computes its share (a sequence-parallel group: each rank
+    its share of their tokens); a pair's values are taken from its first occurrence only. The engine stays in
+    training mode (no dropout in Mixtral): packed rows take per-document attention kernels there
+    (model/attention.py), and the reference must take the same ones as the policy."""
+    n = len(pairs)
+    steps = math.ceil(n / batches.g)
+    per_rank = batches.g // run.dp
+    owner: dict[int, tuple[int, int]] = {}  # pair → (step, data-parallel rank) of its first occurrence
+    for step in range(steps):
+        for j, i in enumerate(batches.global_rows(step)):
+            owner.setdefault(i, (step, j // per_rank))
     table = torch.zeros(n, 2, dtype=torch.float64)
-    per_rank = math.ceil(n / world)
-    iters = math.ceil(per_rank / micro)
-    mine = [(rank + world * i) % n for i in range(iters * micro)]  # equal work on every rank
-    was_training = engine.module.training
-    engine.eval()
     from train.console import progress
 
-    seen = set()
-    for it in progress(range(iters), desc, enabled=rank == 0):
-        ix = mine[it * micro:(it + 1) * micro]
-        b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer), tokenizer.pad_id)
-        with engine.module.disable_adapter() if adapters_off else contextlib.nullcontext():
-            chosen, rejected, _, _ = answer_logps(engine, b)
-        for j, i in enumerate(ix):
-            if i not in seen and (i % world) == rank and run.rank % run.sp == 0:
-                table[i, 0], table[i, 1] = chosen[j].double().cpu(), rejected[j].double().cpu()
-                seen.add(i)
-    engine.train(was_training)
+    for step in progress(range(steps), desc, enabled=run.main):
+        for ix in batches.micro_batches(step, run.dp_rank, run.dp, micro):
+            b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer), tokenizer.pad_id)
+            with engine.module.disable_adapter() if adapters_off else contextlib.nullcontext():
+                chosen, rejected, _, _ = answer_logps(engine, b)
+            for j, i in enumerate(ix):
+                if owner[i] == (step, run.dp_rank) and run.rank % run.sp == 0:
+                    table[i, 0], table[i, 1] = chosen[j].double().cpu(), rejected[j].double().cpu()
     if dist.is_initialized():
         dist.all_reduce(table)
     return table
@@ -100,7 +106,8 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
         raise RuntimeError(f"resuming a DPO run whose reference cache {path} is missing: the reference must come from "
                            "the starting weights; rerun from step 0 (resume=false) or restore the cache")
     t0 = time.time()
-    table = compute_logps(engine, pairs, cfg.micro_batch_size, tokenizer, run, adapters_off=adapters_off,
+    table = compute_logps(engine, pairs, GlobalBatches(len(pairs), cfg.global_batch_size, cfg.seed), cfg.micro_batch_size,
+                          tokenizer, run, adapters_off=adapters_off,
                           mask_common_suffix=cfg.dpo.mask_common_suffix)
     if run.main:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -133,5 +140,5 @@ def live_engine(run, model, ref_ds: dict):
     for p in model.parameters():
         p.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ref_ds, mpu=sequence_parallel.MPU[0])
-    engine.eval()
-    return engine
+    fp32_router_logits(engine.module)  # AutoEP built new routers inside initialize
+    return engine  # in training mode, as the policy: the same attention kernels (compute_logps)
