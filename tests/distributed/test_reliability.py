@@ -200,17 +200,18 @@ def test_dead_rank_is_named_and_the_survivor_exits(tmp_path):
 
 
 @pytest.mark.parametrize("stage, extra, before, after", [
-    ("sft", ["recipe=tiny/sft"], (2, ["deepspeed=zero3", "expert_parallel_size=2"]), (1, ["deepspeed=zero0"])),
-    ("sft", ["recipe=tiny/sft"], (1, ["deepspeed=zero0"]), (2, ["deepspeed=zero2", "expert_parallel_size=2"])),
+    ("sft", ["recipe=tiny/sft", "precision=bf16"], (2, ["deepspeed=zero3", "expert_parallel_size=2"]), (1, ["deepspeed=zero0"])),
+    ("sft", ["recipe=tiny/sft", "precision=bf16"], (1, ["deepspeed=zero0"]), (2, ["deepspeed=zero2", "expert_parallel_size=2"])),
     ("sft", ["recipe=tiny/sft", "lora.enabled=true", "optim.lr=1e-2"], (2, ["deepspeed=zero2"]), (1, ["deepspeed=zero1"])),
     ("dpo", ["recipe=tiny/dpo", "allow_random_init=true"], (2, ["deepspeed=zero2"]), (1, ["deepspeed=zero0"])),
     ("pretrain", ["recipe=tiny/pretrain"], (1, ["deepspeed=zero1"]), (2, ["deepspeed=zero3"])),
-], ids=["sft_zero3_ep2_to_1rank_zero0", "sft_1rank_zero0_to_zero2_ep2", "sft_lora_zero2_to_1rank_zero1",
+], ids=["sft_bf16_zero3_ep2_to_1rank_zero0", "sft_bf16_1rank_zero0_to_zero2_ep2", "sft_lora_zero2_to_1rank_zero1",
         "dpo_precomputed_reference_zero2_to_1rank_zero0", "pretrain_1rank_zero1_to_zero3"])
 def test_resume_on_another_layout(stage, extra, before, after, tmp_path):
     """A checkpoint continued on another world size, EP size and ZeRO stage through the portable
     checkpoint (train/elastic.py) equals the uninterrupted runs (tests/helpers.py
-    `check_resume_elsewhere`). DPO's cached reference log-probs are reused."""
+    `check_resume_elsewhere`). DPO's cached reference log-probs are reused. The two ZeRO-0 cases run in bf16,
+    where ZeRO-0 keeps fp32 masters inside DeepSpeed's FP16_UnfusedOptimizer (their fp32 twins: -m layouts)."""
     check_resume_elsewhere(stage, [*ELASTIC, *extra], before, after, tmp_path)
 
 

@@ -19,8 +19,8 @@ REPEATED = ["data.synthetic_samples=8", "data.packing=false", "max_seq_len=64", 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
 @pytest.mark.parametrize("parallel", [["deepspeed=zero2"], ["deepspeed=zero3", "expert_parallel_size=2",
-                                      "router.global_batch=true", "router.z_loss_coef=1e-3"]],
-                         ids=["zero2", "zero3_ep2"])
+                                      "router.global_batch=true", "router.z_loss_coef=1e-3", "precision=bf16"]],
+                         ids=["zero2", "zero3_ep2_bf16"])
 def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
     out = tmp_path / "run"
     proc = run_stage(stage, out, [f"recipe=tiny/{stage}", "max_steps=6", *REPEATED, *parallel])
@@ -33,6 +33,7 @@ def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
     assert len(m["expert_load"]) == 2 and len(m["expert_load"][0]) == 8
     # export: loads in transformers, every expert present, logits equal the live model's
     model = AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=False).eval()
+    assert model.dtype == (torch.bfloat16 if "precision=bf16" in parallel else torch.float32)
     with safe_open(out / "hf" / "model.safetensors", "pt") as f:  # the hub layout: one w1/w2/w3 per expert
         w1 = torch.stack([f.get_tensor(f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight") for e in range(8)])
         assert not any("gate_up_proj" in k for k in f.keys())
@@ -81,8 +82,9 @@ def test_pretrain_on_real_c4_demo(shared_data, tmp_path):
     assert len(losses(tmp_path / "run")) == 2
 
 
-@pytest.mark.parametrize("zero, experts, router", [("zero3", False, False), ("zero2", True, False), ("zero2", False, True)])
-def test_lora_adapter_and_merged_export(zero, experts, router, tmp_path):
+@pytest.mark.parametrize("zero, experts, router, precision", [("zero3", False, False, "bf16"), ("zero2", True, False, "fp32"),
+                                                               ("zero2", False, True, "fp32")])
+def test_lora_adapter_and_merged_export(zero, experts, router, precision, tmp_path):
     from omegaconf import OmegaConf
     from peft import PeftModel
 
@@ -92,21 +94,31 @@ def test_lora_adapter_and_merged_export(zero, experts, router, tmp_path):
     out = tmp_path / "run"
     proc = run_stage("sft", out, ["recipe=tiny/sft", "max_steps=4", *REPEATED, "lora.enabled=true", f"deepspeed={zero}",
                            f"lora.experts={str(experts).lower()}", f"lora.train_router={str(router).lower()}",
-                           "optim.lr=1e-2"])
+                           "optim.lr=1e-2", f"precision={precision}"])
     ls = losses(out)
     assert ls[-1] < ls[0]
     preset = OmegaConf.to_container(compose("sft", ["recipe=tiny/sft"]).model)
     base = build_model(preset, seed=0).eval()
     fresh = build_model(preset, seed=0).eval()
     with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
-    merged = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
     ids = torch.randint(3, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
+    # bf16: the adapters were trained on the bf16-rounded base and the merge is rounded to bf16 (model/export.py
+    # export_tolerance); the adapter folder itself is bf16 (not fp32, as ZeRO-3 once trained it)
+    tol = 1e-4 if precision == "fp32" else 4 * 2**-7
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    assert {p.dtype for n, p in with_adapter.named_parameters() if "lora_" in n} == {torch.float32}  # peft upcasts on load
+    from safetensors import safe_open as _open
+
+    with _open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
     with torch.no_grad():
-        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=tol, rtol=tol)
     # the adapters did change the model, and the router stayed frozen unless trained (then the adapter
     # folder carries it: the logits above match)
     assert not torch.allclose(merged.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight)
-    assert torch.equal(merged.model.layers[0].mlp.gate.weight, fresh.model.layers[0].mlp.gate.weight) != router
+    frozen = fresh.model.layers[0].mlp.gate.weight.to(dtype).float()
+    assert torch.equal(merged.model.layers[0].mlp.gate.weight, frozen) != router
     check_hf_repository(out / "hf", proc.stdout, "sft")
 
 

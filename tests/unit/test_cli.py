@@ -28,6 +28,8 @@ MISTAKES = [  # (script, arguments, text the one line must contain)
     ("train/sft.py", ["model_path=/no/such/folder"], "model_path=/no/such/folder: no such folder"),
     ("train/sft.py", ["max_seq_len=100000"], "max_seq_len=100000 exceeds"),
     ("train/sft.py", ["data.on_error=ignore"], "data.on_error='ignore'"),
+    ("train/sft.py", ["deepspeed=zero1", "precision=bf16", "+deepspeed.data_types.grad_accum_dtype=fp32"],
+     "fp32 gradient accumulation is supported with ZeRO-2 or ZeRO-3"),
     ("train/pretrain.py", ["recipe=tiny/pretrian"], "did you mean tiny/pretrain?"),
     ("train/pretrain.py", ["optim.schedule=wsd", "optim.decay_fraction=0"], "optim.decay_fraction=0"),
     ("train/pretrain.py", ["router.aux_loss_coef=-1"], "router.aux_loss_coef"),
