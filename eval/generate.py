@@ -14,6 +14,10 @@ from train.console import progress as progress_lines
 
 from data.chat import encode_prompt
 from data.tokenizer import load_tokenizer
+from model.router import fp32_router_logits
+
+
+from model.router import fp32_router_logits
 
 
 def load(model_path: str | Path, dtype: str = "auto", device: str | None = None):
@@ -29,6 +33,7 @@ def load(model_path: str | Path, dtype: str = "auto", device: str | None = None)
                    "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype, trust_remote_code=False,
                                                  use_safetensors=True).to(device).eval()
+    fp32_router_logits(model)  # route as training did (model/router.py), in bf16 too
     return model, load_tokenizer(model_path if Path(str(model_path)).is_dir() else None)
 
 

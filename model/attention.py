@@ -31,6 +31,13 @@ NAME = "packed_sdpa"
 PER_DOCUMENT_ALWAYS = [False]
 
 
+def splits_documents_on(device: torch.device) -> bool:
+    """Where training rows take the per-document kernels below: the CPU. Elsewhere (GPUs) they take transformers'
+    `sdpa` with the block-diagonal mask it derives from the restarting `position_ids` (tests/unit/test_packing.py
+    forces that path on the CPU and checks that documents stay apart)."""
+    return device.type == "cpu"
+
+
 def document_spans(position_ids_BS: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the [start, end) spans of its documents: a new one wherever the position does not
     continue the previous one (a restart at 0, or padding)."""
@@ -64,7 +71,7 @@ def packed_sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, atte
     sees the padding after it); the real positions' outputs are put back in row order.
     """
     B, Hq, S, D = query_BHSD.shape
-    per_document = ((PER_DOCUMENT_ALWAYS[0] or (module.training and query_BHSD.device.type == "cpu"))
+    per_document = ((PER_DOCUMENT_ALWAYS[0] or (module.training and splits_documents_on(query_BHSD.device)))
                     and position_ids is not None and S == key_BKSD.shape[2] > 1)
     spans = document_spans(position_ids) if per_document else None
     if spans is None or all(len(row) == 1 for row in spans):

@@ -177,6 +177,30 @@ def test_routing_analysis(tiny):
     assert all(a <= b for a, b in zip(r["same_expert_first"], r["same_expert_topk"]))
 
 
+def test_a_bf16_export_serves_every_eval_command(tmp_path):
+    """A bf16 folder (what a bf16 run exports) loads in bf16 with fp32 routers, computes the logits a float32
+    load of the same weights does (to bf16's rounding), generates, and runs the passkey grid and the routing
+    analysis."""
+    from eval.routing import analyse, subset_texts
+
+    preset = OmegaConf.to_container(compose("sft").model)
+    build_model(preset, dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / "bf16")
+    shutil.copy(default_tokenizer_path(), tmp_path / "bf16" / "tokenizer.model")
+    model, tok = load(tmp_path / "bf16", dtype="bf16")
+    wide, _ = load(tmp_path / "bf16", dtype="fp32")
+    assert model.dtype == torch.bfloat16 and type(model.model.layers[0].mlp.gate).__name__ == "_Fp32TopKRouter"
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ["The capital of France is", "1 + 1 ="]]
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0]])
+        narrow, exact = model(ids).logits.float(), wide(ids).logits
+    assert (narrow - exact).abs().max() <= 4 * 2**-7 * max(1.0, exact.abs().max().item())
+    assert all(len(o) <= 6 for o in generate(model, tok, prompts, max_new_tokens=6, progress=False))
+    cfg = OmegaConf.merge(OmegaConf.structured(PasskeyConfig), {"model_path": "bf16", "lengths": [128],
+                                                                 "depths": [0.5], "trials": 1})
+    assert len(passkey.evaluate(model, tok, cfg, tmp_path / "passkey", progress=False)["cells"]) == 1
+    assert analyse(model, tok, subset_texts({})["arithmetic"], max_tokens=100, seq_len=64)["tokens"] == 100
+
+
 def test_load_names_a_missing_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_run/hf: no such folder"):
         load(tmp_path / "no_such_run" / "hf")

@@ -34,6 +34,34 @@ def test_packed_row_logits_equal_each_document_alone(model, tokenizer):
         assert not torch.allclose(wrong[len(docs[0][0]):len(docs[0][0]) + 3], packed[len(docs[0][0]):len(docs[0][0]) + 3], atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gpu_path_keeps_packed_documents_apart(dtype, tokenizer, monkeypatch):
+    """Training mode as on a GPU (model/attention.py `splits_documents_on` answers False there): transformers'
+    sdpa with the mask it derives from the restarting positions, not the CPU's per-document kernels; in fp32
+    and bf16 each document's logits equal the document alone (bf16: to its rounding, against the same
+    computation run on each document alone)."""
+    from model import attention
+
+    model = build_model(OmegaConf.to_container(compose("sft").model), dtype=dtype, seed=0).train()
+    monkeypatch.setattr(attention, "splits_documents_on", lambda device: False)
+    per_document = []
+    monkeypatch.setattr(attention, "length_buckets", lambda *a: per_document.append(1))  # must not be reached
+    docs = [encode_text(t, tokenizer) for t in ["The grass is green.", "One two three four five six.", "Hi there"]]
+    b = pack_rows(docs, max_seq_len=40, pad_id=tokenizer.pad_id, kind="text").batch([0])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        packed = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[0].float()
+        at = 0
+        for ids, _ in docs:
+            alone = model(input_ids=torch.tensor([ids])).logits[0].float()
+            torch.testing.assert_close(packed[at:at + len(ids)], alone, atol=tol, rtol=tol)
+            at += len(ids)
+        wrong = model(input_ids=b["input_ids"]).logits[0].float()  # control: one document spanning the row
+    n0 = len(docs[0][0])
+    assert (wrong[n0:n0 + 3] - packed[n0:n0 + 3]).abs().max() > 10 * tol
+    assert not per_document
+
+
 def test_positions_restart_and_labels_stay_inside_documents(tokenizer):
     docs = [encode_text("a b c", tokenizer), encode_text("d e", tokenizer)]
     rows = pack_rows(docs, max_seq_len=20, pad_id=0, kind="text")
