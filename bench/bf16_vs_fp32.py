@@ -5,8 +5,9 @@ one process, the recipe's defaults otherwise), side by side in one run.
 
 For each stage and precision: the loss at steps 1, 10, 50 and the last; tokens/s (median step from step 2 on);
 model FLOPs utilisation against the measured matmul peak of *that* precision and against the bf16 peak; the
-peak RSS of the training steps (memory.json's later_steps phase). Ratios bf16 / fp32 are printed last. DPO starts from the model the SFT run of the same precision
-exported (as the pipeline does). The table goes to BENCHMARKS.md with the command line.
+peak RSS of the training steps (memory.json's later_steps phase). Ratios bf16 / fp32 are printed last. DPO
+starts from the fp32 SFT run's export in both precisions (cast to bf16 when loaded in bf16), or from the
+preset's random weights when SFT is not among the stages. The table goes to BENCHMARKS.md with the command line.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             overrides = [f"recipe=tiny/{stage}", f"model={a.model}", f"max_steps={a.steps}", f"precision={precision}",
                          "logging=none"]
-            if stage == "dpo":
-                sft = tmp / f"sft_{precision}" / "hf"
+            if stage == "dpo":  # both precisions start from the same weights: the fp32 SFT run's export
+                sft = tmp / "sft_fp32" / "hf"
                 overrides.append(f"model_path={sft}" if sft.is_dir() else "allow_random_init=true")
             m, rss_mb, _ = run_stage_measured(stage, overrides, tmp / f"{stage}_{precision}")
             memory = json.loads((tmp / f"{stage}_{precision}" / "memory.json").read_text())
@@ -82,6 +83,8 @@ def main() -> None:
         last = max(f["losses"])
         print(f"{stage}: bf16/fp32 tokens/s {b['tok_s'] / f['tok_s']:.2f}×, peak RSS {b['rss'] / f['rss']:.2f}×, "
               f"first-step loss {first:.1e} relative, step {last} loss {b['losses'][last]:.4f} vs {f['losses'][last]:.4f}")
+    stage = a.stages[0]
+    print(f"bf16 / fp32 {stage} tokens/s: {results[stage, 'bf16']['tok_s'] / results[stage, 'fp32']['tok_s']:.2f}")
 
 
 if __name__ == "__main__":

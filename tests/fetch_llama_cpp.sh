@@ -22,8 +22,16 @@ if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
 fi
 echo "llama.cpp converter (llama-cpp-python $VERSION) in $DEST"
 if [ "${1:-}" = "--install" ] && ! python -c "import llama_cpp" 2>/dev/null; then
-    # CPU only, no examples/tools/server: the library the Python bindings load
-    CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-    CMAKE_BUILD_PARALLEL_LEVEL=2 python -m pip install -q "$SDIST" > "$ROOT/.cache/llama_cpp_build.log" 2>&1
-    echo "llama-cpp-python $VERSION compiled and installed (log: .cache/llama_cpp_build.log)"
+    # The compiled wheel is kept in the user's cache (like pip's own wheel cache), keyed by version and Python:
+    # a machine compiles it once (~10 minutes on 2 cores), later runs install it in seconds.
+    WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/mixtral-tune/llama-cpp-python-$VERSION-$(python -c 'import sys; print(sys.implementation.cache_tag)')"
+    if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        mkdir -p "$WHEELS"
+        # CPU only, no examples/tools/server: the library the Python bindings load
+        CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL=2 python -m pip wheel -q --no-deps "$SDIST" -w "$WHEELS" > "$ROOT/.cache/llama_cpp_build.log" 2>&1
+        echo "llama-cpp-python $VERSION compiled into $WHEELS (log: .cache/llama_cpp_build.log)"
+    fi
+    python -m pip install -q "$WHEELS"/llama_cpp_python-*.whl
+    echo "llama-cpp-python $VERSION installed from $WHEELS"
 fi

@@ -24,6 +24,7 @@ CASES = {
                         "ZeRO-3 + EP 2, SGD"], "largest |measured / expected - 1|"),
     "dpo_reference_memory.py": (["--model", "tiny", "--steps", "3"], "dpo live/precomputed peak RSS"),
     "long_context_memory.py": (["--model", "tiny", "--lengths", "256", "1024"], "sp2 / 1-rank activation at 1024 tokens"),
+    "bf16_vs_fp32.py": (["--model", "tiny", "--steps", "3", "--stages", "sft"], "bf16 / fp32 sft tokens/s"),
 }
 
 
@@ -37,3 +38,11 @@ def test_benchmark_runs_and_prints_its_ratio(script, shared_data):
     m = re.fullmatch(re.escape(label) + r": (\d+\.\d\d)", last)
     assert m, last
     assert math.isfinite(float(m.group(1))) and float(m.group(1)) > 0
+
+
+def test_gpu_check_says_in_one_line_that_there_is_no_gpu():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines() == ["gpu_check: no CUDA GPU here (torch.cuda.is_available() is False): "
+                                                "nothing to check"]

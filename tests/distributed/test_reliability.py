@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 
 STAGES = {
     "sft": ["recipe=tiny/sft", "max_steps=8", "checkpoint_every=1", "deepspeed=zero3", "expert_parallel_size=2",
-            "data.synthetic_samples=160", "max_seq_len=64", "verify_export=false"],
+            "data.synthetic_samples=160", "max_seq_len=64", "verify_export=false", "precision=bf16"],
     "dpo": ["recipe=tiny/dpo", "allow_random_init=true", "max_steps=8", "checkpoint_every=1", "deepspeed=zero2", "dpo.loss_type=ipo",
             "dpo.sft_weight=0.1", "data.synthetic_samples=48", "global_batch_size=8", "micro_batch_size=2",
             "verify_export=false"],
