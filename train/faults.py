@@ -38,6 +38,23 @@ def inject(point: str, step: int) -> bool:
     return f"{point}@{step}" in spec.split(",")
 
 
+def swap_two_experts(folder) -> None:
+    """`corrupt_export@N`: swap the up projections (w3) of experts 0 and 1 of layer 0 in an exported folder,
+    the kind of mistake a wrong expert order would make, for the export check to catch."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    a, b = (f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight" for e in (0, 1))
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        weights = load_file(f)
+        if a in weights and b in weights:
+            weights[a], weights[b] = weights[b].clone(), weights[a].clone()
+            save_file(weights, f, metadata={"format": "pt"})
+            print(f"[fault injection] swapped {a} and {b} in {f}", file=sys.stderr, flush=True)
+            return
+
+
 def kill_self_if(point: str, step: int) -> None:
     if inject(point, step):
         print(f"[fault injection] SIGKILL at {point}@{step}", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
         save_checkpoint(engine, cfg, run, step)
     if cfg.export:
         run.memory.begin()
-        _export(engine, cfg, run, model, tokenizer)
+        _export(engine, cfg, run, model, tokenizer, step)
         run.memory.end("export")
     run.memory.save()
     if run.main:
@@ -40,7 +40,7 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
     faults.finished()
 
 
-def _export(engine, cfg, run: Run, model, tokenizer) -> None:
+def _export(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
     from model.card import model_card
     from model.export import export_hf, live_probe, release_zero3_params, verify_export
     from model.lora import lora_scaling, merged_for_export, save_adapter
@@ -63,6 +63,8 @@ def _export(engine, cfg, run: Run, model, tokenizer) -> None:
     export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling,
               training_config=OmegaConf.to_yaml(cfg, resolve=True), card=card)
     run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
+    if run.main and faults.inject("corrupt_export", step):
+        faults.swap_two_experts(run.out / "hf")
     if cfg.verify_export:
         e = verify_export(engine, run.out / "hf", probe, run.dtype)
         evidence = (f"probe model.export.probe_ids(vocab {model.config.vocab_size}), 2 × {probe[0].shape[1]} tokens, "

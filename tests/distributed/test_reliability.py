@@ -160,6 +160,25 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop(parallel, tmp_path):
     assert len(f) == 7 and f[6] == pytest.approx(c[2], abs=1e-4)  # the weights skipped steps 4-6 left alone
 
 
+def test_a_failed_export_check_ends_every_rank_in_one_line_and_keeps_the_weights(tmp_path):
+    """bf16, 2 ranks launched by the stage itself; two experts of the written export swapped (fault injection):
+    status 4, one line on stderr naming the difference (no traceback from either rank), the export moved to
+    hf.check_failed/ with a note, the final checkpoint written."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train/sft.py", "--nproc_per_node", "2", f"output_dir={out}", "recipe=tiny/sft",
+                           "max_steps=2", "checkpoint_every=2", "precision=bf16", "deepspeed=zero2", "logging=none",
+                           "data.synthetic_samples=32", "max_seq_len=64"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+                                            "MIXTRAL_TUNE_FAULTS": "corrupt_export@2"})
+    assert proc.returncode == 4, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    errors = [l for l in proc.stderr.strip().splitlines() if not l.startswith("[fault injection]")]
+    assert len(errors) == 1 and errors[0].startswith("[sft] export check failed: "), proc.stderr[-3000:]
+    assert "max |logits(export) - logits(live)|" in errors[0] and "hf.check_failed" in errors[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (out / "hf").exists() and (out / "hf.check_failed" / "EXPORT_CHECK_FAILED.txt").is_file()
+    assert (out / "hf.check_failed" / "model.safetensors").is_file() and (out / "checkpoints" / "step_2").is_dir()
+
+
 def test_launcher_mode_answers_in_one_line(tmp_path):
     """`python train/sft.py --nproc_per_node 2 ...` launches the workers itself: a config error is one line
     before any worker starts, and a worker's failure is its own messages plus one line with its exit
