@@ -108,3 +108,21 @@ def test_the_check_replays_the_live_expert_choices(tiny_preset, tmp_path):
     other = streamed_logits(tmp_path / "hf", ids, torch.bfloat16, moved)
     changed = (other - own).abs().amax(-1).reshape(-1)
     assert changed[5] > 0 and changed[:5].abs().max() == 0  # position 5 and (through attention) later ones only
+
+
+def test_bf16_expert_blocks_padded_on_cpu_change_nothing(tiny_preset, monkeypatch):
+    """model/experts.py pads each expert's rows to a multiple of CPU_ROW_BLOCK in 16-bit on CPU (fewer matrix
+    shapes for oneDNN to compile): logits and every gradient equal the unpadded computation bit for bit."""
+    from model import experts
+
+    ids = torch.randint(3, 32000, (2, 37), generator=torch.Generator().manual_seed(0))
+    results = []
+    for block in (experts.CPU_ROW_BLOCK, 1):
+        monkeypatch.setattr(experts, "CPU_ROW_BLOCK", block)
+        model = build_model(tiny_preset, dtype=torch.bfloat16, seed=0).train()
+        logits = model(ids).logits
+        logits.float().square().mean().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    (padded, grads), (plain, plain_grads) = results
+    assert experts.CPU_ROW_BLOCK == 1 and torch.equal(padded, plain)
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
