@@ -69,19 +69,23 @@ def starts(tmp_path_factory):
             "dpo": [f"model_path={fused_folder(root / 'fused')}"]}
 
 
-@pytest.fixture(scope="module")
-def baselines(starts, tmp_path_factory):
-    """The 1-rank ZeRO-0 losses of each stage (computed once per stage, on first use)."""
+def one_rank_losses(starts, tmp_path_factory, common: list[str], tag: str):
+    """stage → the 1-rank ZeRO-0 losses of `common` settings (computed once per stage, on first use)."""
     cache = {}
 
     def get(stage):
         if stage not in cache:
-            out = tmp_path_factory.mktemp(f"one_{stage}")
-            run_stage(stage, out, [*STAGES[stage], *EXACT, *starts[stage], "deepspeed=zero0"], nproc=1)
+            out = tmp_path_factory.mktemp(f"{tag}_{stage}")
+            run_stage(stage, out, [*STAGES[stage], *common, *starts[stage], "deepspeed=zero0"], nproc=1)
             cache[stage] = losses(out, KEY[stage])
         return cache[stage]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def baselines(starts, tmp_path_factory):
+    return one_rank_losses(starts, tmp_path_factory, EXACT, "one")
 
 
 def export_experts_distinct(hf) -> None:
@@ -193,16 +197,7 @@ BF16_CASES = [("sft", layout) for layout in BF16_LAYOUTS] + [("dpo", "zero3_ep2"
 
 @pytest.fixture(scope="module")
 def bf16_baselines(starts, tmp_path_factory):
-    cache = {}
-
-    def get(stage):
-        if stage not in cache:
-            out = tmp_path_factory.mktemp(f"bf16_one_{stage}")
-            run_stage(stage, out, [*STAGES[stage], *BF16, *starts[stage], "deepspeed=zero0", "export=false"], nproc=1)
-            cache[stage] = losses(out, KEY[stage])
-        return cache[stage]
-
-    return get
+    return one_rank_losses(starts, tmp_path_factory, [*BF16, "export=false"], "bf16_one")
 
 
 @pytest.mark.layouts
