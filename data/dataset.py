@@ -35,7 +35,7 @@ from data.formats import canonical
 from data.readers import RecordError, read_records
 from data.preference import encode_pair, fit_pair
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 @dataclass
@@ -58,8 +58,9 @@ class DataReport:
 
 
 def load_canonical(data_cfg, kind: str, seed: int, skipped_path: str | Path | None = None,
-                   report: DataReport | None = None) -> list[dict]:
-    """Canonical records of `kind` ("text", "messages", "preference") from `data_cfg.path`.
+                   report: DataReport | None = None, version: str = "v1") -> list[dict]:
+    """Canonical records of `kind` ("text", "messages", "preference") from `data_cfg.path`, chats checked
+    for the tokenizer `version` (a chat with tools needs "v3").
 
     `data_cfg.on_error="raise"` stops at the first bad record with file and line;
     "skip" counts each kind of problem and writes the bad records to `skipped_path`.
@@ -75,7 +76,7 @@ def load_canonical(data_cfg, kind: str, seed: int, skipped_path: str | Path | No
             try:
                 if isinstance(rec, RecordError):  # unreadable line or file
                     raise rec
-                c = canonical(rec, data_cfg.format, kind, data_cfg.text_field)
+                c = canonical(rec, data_cfg.format, kind, data_cfg.text_field, version)
             except RecordError as e:
                 if data_cfg.on_error == "raise":
                     raise
@@ -132,17 +133,19 @@ def tokenize(records: list[dict], kind: str, tokenizer, cache_dir: str | Path, d
     key = fingerprint(kind, file_sha(tokenizer.path), records)
     cache = Path(cache_dir) / f"tokens-{kind}-{key}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    ds = datasets.Dataset.from_list(records)
+    # chats travel as JSON text: Arrow would give every tool schema the union of all schemas' keys
+    ds = datasets.Dataset.from_list(records if kind == "text" else
+                                    [{"record": json.dumps(r, ensure_ascii=False)} for r in records])
 
     def fn(batch):
         if kind == "preference":
-            enc = [encode_pair({"prompt": p, "chosen": c, "rejected": r}, tokenizer)
-                   for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"])]
+            enc = [encode_pair(json.loads(r), tokenizer) for r in batch["record"]]
             return {k: [e[k] for e in enc] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
         out = {"input_ids": [], "labels": []}
-        rows = batch["text"] if kind == "text" else batch["messages"]
+        rows = batch["text"] if kind == "text" else [json.loads(r) for r in batch["record"]]
         for row in rows:
-            ids, labels = encode_text(row, tokenizer) if kind == "text" else encode_chat(row, tokenizer)
+            ids, labels = (encode_text(row, tokenizer) if kind == "text"
+                           else encode_chat(row["messages"], tokenizer, row.get("tools")))
             out["input_ids"].append(ids)
             out["labels"].append(labels)
         return out

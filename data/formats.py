@@ -7,10 +7,12 @@ Canonical forms:
 
 Input formats (`data.format`, or "auto" to detect from the first record's keys):
     text        {"text": ...} (field name configurable); .txt files are one document each
-    messages    {"messages": [{"role": "system|user|assistant", "content": ...}]}
+    messages    {"messages": [{"role": "system|user|assistant|tool", "content": ...}], "tools": [...]}
+                (OpenAI's shapes: assistant "tool_calls", tool "tool_call_id"; tools need a v3 tokenizer)
     alpaca      {"instruction", "input", "output"} (+ optional "system")
     sharegpt    {"conversations": [{"from": "system|human|gpt", "value": ...}]}
-                (with "chosen"/"rejected" turns it is a preference pair, LLaMA-Factory style)
+                (with "chosen"/"rejected" turns it is a preference pair, LLaMA-Factory style; LLaMA-Factory's
+                tool turns "function_call" / "observation" and its "tools" become OpenAI's shapes, `_sharegpt_turns`)
     preference  {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
     hh_rlhf     {"chosen": transcript, "rejected": transcript} ("\\n\\nHuman: ...\\n\\nAssistant: ...")
 
@@ -19,7 +21,10 @@ Every error names the source file and line (or record index) — `RecordError`.
 
 from __future__ import annotations
 
-from data.chat import ChatFormatError, control_string_problem, validate_messages
+import hashlib
+import json
+
+from data.chat import ChatFormatError, validate_messages
 from data.readers import Record, RecordError
 
 def detect_format(value: dict, text_field: str = "text") -> str:
@@ -48,11 +53,34 @@ def _require(value: dict, key: str, kind, where: str):
     return v
 
 
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool"}
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+def call_id(where: str, k: int) -> str:
+    """A tool-call id as v3 wants it (9 letters or digits), the same for the same record and call every time."""
+    digest = hashlib.sha256(f"{where}#{k}".encode()).digest()
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return "".join(alphabet[b % len(alphabet)] for b in digest[:9])
+
+
+def _sharegpt_calls(value: str, where: str, j: int, first_id: int) -> list[dict]:
+    """A "function_call" turn's value ({"name", "arguments"} or a list of them) as OpenAI tool_calls."""
+    try:
+        calls = json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        raise RecordError(where, "invalid tool call", f"conversations[{j}] (function_call) is not JSON: {value!r:.200}") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise RecordError(where, "invalid tool call", f"conversations[{j}] (function_call) needs {{'name', 'arguments'}}")
+    return [{"id": call_id(where, first_id + k), "type": "function",
+             "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for k, c in enumerate(calls)]
 
 
 def _sharegpt_turns(turns, where: str) -> list[dict]:
-    out = []
+    """ShareGPT turns as messages; tool calls get ids, and each observation the id of the call it answers."""
+    out, open_ids, n_calls = [], [], 0
     for j, t in enumerate(turns):
         if not isinstance(t, dict) or "from" not in t or "value" not in t:
             raise RecordError(where, "mistyped field", f"conversations[{j}] needs 'from' and 'value'")
@@ -60,19 +88,46 @@ def _sharegpt_turns(turns, where: str) -> list[dict]:
         if role is None:
             raise RecordError(where, "unknown role", f"conversations[{j}].from={t['from']!r} "
                               f"(expected one of {sorted(SHAREGPT_ROLES)})")
-        out.append({"role": role, "content": t["value"]})
+        if t["from"] == "function_call":
+            calls = _sharegpt_calls(t["value"], where, j, n_calls)
+            n_calls += len(calls)
+            open_ids = [c["id"] for c in calls]
+            out.append({"role": "assistant", "content": None, "tool_calls": calls})
+        elif t["from"] == "observation":
+            if not open_ids:
+                raise RecordError(where, "invalid conversation", f"conversations[{j}]: an observation with no "
+                                  f"function_call before it to answer")
+            out.append({"role": "tool", "tool_call_id": open_ids.pop(0), "content": t["value"]})
+        else:
+            out.append({"role": role, "content": t["value"]})
     return out
 
 
-def _check_chat(messages, where: str, for_training: bool) -> list[dict]:
+def _tools(value, where: str) -> list[dict] | None:
+    """A record's tools: OpenAI's [{"type": "function", "function": {...}}], or LLaMA-Factory's JSON string
+    of bare functions; None when it has none."""
+    if value in (None, "", []):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RecordError(where, "invalid tools", f"'tools' is a string but not JSON: {value!r:.200}") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RecordError(where, "invalid tools", f"'tools' should be a list of functions, got {value!r:.200}")
+    return [t if "function" in t else {"type": "function", "function": t} for t in value] or None
+
+
+def _check_chat(messages, where: str, for_training: bool, version: str, tools=None) -> list[dict]:
     try:
-        validate_messages(messages, for_training=for_training)
+        validate_messages(messages, for_training=for_training, version=version, tools=tools)
     except ChatFormatError as e:
         raise RecordError(where, "invalid conversation", str(e)) from None
-    for j, m in enumerate(messages):
-        if for_training and m["role"] != "system" and not m["content"].strip():  # nothing to learn from, or to answer
-            raise RecordError(where, "empty content", f"messages[{j}] ({m['role']}) is blank")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{k: m[k] for k in MESSAGE_KEYS if m.get(k) is not None} | {"content": m.get("content")} for m in messages]
+
+
+def _with_tools(out: dict, tools) -> dict:
+    return out | {"tools": tools} if tools else out
 
 
 def to_text(rec: Record, text_field: str = "text") -> dict:
@@ -82,8 +137,9 @@ def to_text(rec: Record, text_field: str = "text") -> dict:
     return {"text": text}
 
 
-def to_messages(rec: Record, fmt: str) -> dict:
+def to_messages(rec: Record, fmt: str, version: str = "v1") -> dict:
     v, where = rec.value, rec.where
+    tools = _tools(v.get("tools"), where) if fmt in ("messages", "sharegpt") else None
     if fmt == "messages":
         msgs = _require(v, "messages", list, where)
     elif fmt == "alpaca":
@@ -103,7 +159,7 @@ def to_messages(rec: Record, fmt: str) -> dict:
             msgs = [{"role": "system", "content": v["system"]}] + msgs
     else:
         raise RecordError(where, "wrong format", f"format {fmt!r} is not a chat format")
-    return {"messages": _check_chat(msgs, where, for_training=True)}
+    return _with_tools({"messages": _check_chat(msgs, where, True, version, tools)}, tools)
 
 
 def _as_prompt(value, where: str) -> list[dict]:
@@ -147,8 +203,9 @@ def hh_prompt_messages(prefix: str) -> list[dict]:
     return msgs
 
 
-def to_preference(rec: Record, fmt: str) -> dict:
+def to_preference(rec: Record, fmt: str, version: str = "v1") -> dict:
     v, where = rec.value, rec.where
+    tools = _tools(v.get("tools"), where)
     if fmt == "hh_rlhf":
         chosen_t = _require(v, "chosen", str, where)
         rejected_t = _require(v, "rejected", str, where)
@@ -178,18 +235,17 @@ def to_preference(rec: Record, fmt: str) -> dict:
     else:
         raise RecordError(where, "wrong format", f"format {fmt!r} is not a preference format")
     for key, ans in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(ans, str) or not ans.strip():
+        if not isinstance(ans, str) or not ans:
             raise RecordError(where, "empty content", f"{key} answer is empty")
-        if (problem := control_string_problem(ans)) is not None:
-            raise RecordError(where, "invalid conversation", f"{key} answer {problem}")
     if chosen == rejected:
         raise RecordError(where, "identical pair", "chosen and rejected are identical (no preference signal)")
-    prompt = _check_chat(prompt, where, for_training=False)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    prompt = _check_chat(prompt, where, False, version, tools)
+    return _with_tools({"prompt": prompt, "chosen": chosen, "rejected": rejected}, tools)
 
 
-def canonical(rec: Record, fmt: str, kind: str, text_field: str = "text") -> dict:
-    """Adapt one record to the canonical form of `kind` ("text", "messages", "preference")."""
+def canonical(rec: Record, fmt: str, kind: str, text_field: str = "text", version: str = "v1") -> dict:
+    """Adapt one record to the canonical form of `kind` ("text", "messages", "preference"); chats are checked
+    against the rules of the tokenizer `version` ("v1" has no tools)."""
     if fmt == "auto":
         try:
             fmt = detect_format(rec.value, text_field)
@@ -197,15 +253,16 @@ def canonical(rec: Record, fmt: str, kind: str, text_field: str = "text") -> dic
             raise RecordError(rec.where, "unknown format", str(e)) from None
     if kind == "text":
         if fmt in ("messages", "alpaca", "sharegpt"):  # continued pretraining on chats: flatten
-            msgs = to_messages(rec, fmt)["messages"]
-            return {"text": "\n\n".join(m["content"] for m in msgs)}
+            msgs = to_messages(rec, fmt, "v3")["messages"]
+            return {"text": "\n\n".join(m["content"] if m["content"] is not None else json.dumps(m["tool_calls"], ensure_ascii=False)
+                                      for m in msgs)}
         return to_text(rec, text_field)
     if kind == "messages":
         if fmt == "text":
             raise RecordError(rec.where, "wrong format", "a text record where a chat was expected (set data.format)")
-        return to_messages(rec, fmt)
+        return to_messages(rec, fmt, version)
     if kind == "preference":
         if fmt == "sharegpt" and "chosen" not in rec.value:
             raise RecordError(rec.where, "missing field", "sharegpt record without 'chosen'/'rejected'")
-        return to_preference(rec, fmt)
+        return to_preference(rec, fmt, version)
     raise ValueError(f"unknown kind {kind!r}")

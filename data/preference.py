@@ -24,14 +24,14 @@ from collections import Counter
 
 import torch
 
-from data.chat import IGNORE_INDEX, encode_prompt
+from data.chat import IGNORE_INDEX, encode_answer, encode_prompt
 
 
 def encode_pair(pair: dict, tokenizer) -> dict:
     return {
-        "prompt_ids": encode_prompt(pair["prompt"], tokenizer),
-        "chosen_ids": tokenizer.encode(pair["chosen"]) + [tokenizer.eos_id],
-        "rejected_ids": tokenizer.encode(pair["rejected"]) + [tokenizer.eos_id],
+        "prompt_ids": encode_prompt(pair["prompt"], tokenizer, pair.get("tools")),
+        "chosen_ids": encode_answer(pair["chosen"], tokenizer),
+        "rejected_ids": encode_answer(pair["rejected"], tokenizer),
     }
 
 

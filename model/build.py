@@ -22,7 +22,7 @@ from model import attention, experts  # register the "packed_sdpa" attention and
 
 # Preset keys that are about how to build, not part of MixtralConfig.
 BUILD_KEYS = ("name", "attn_implementation", "experts_implementation", "gradient_checkpointing",
-              "rope_theta_override", "max_position_embeddings_override", "tiled_mlp_tokens")
+              "rope_theta_override", "max_position_embeddings_override", "tiled_mlp_tokens", "tokenizer")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

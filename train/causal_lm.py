@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
-from data.tokenizer import load_tokenizer
 from model.head import NO_LOGITS
 from model.lora import apply_lora
 from model.losses import causal_lm_loss
@@ -24,7 +23,7 @@ from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, load_balan
 from train.checkpoints import end_of_step, maybe_resume
 from train.finish import finish
 from train.metrics import Metrics, RouterStep, step_values
-from train.model_setup import build_engine, load_model
+from train.model_setup import build_engine, load_model, stage_tokenizer
 from train.rows import training_rows
 from train.runtime import start
 
@@ -32,7 +31,7 @@ from train.runtime import start
 def train(cfg, kind: str) -> None:
     """The whole stage: load `kind` rows ("text" or "messages"), train, checkpoint, export."""
     run = start(cfg)
-    tokenizer = load_tokenizer(cfg.model_path)
+    tokenizer = stage_tokenizer(cfg, run)
     rows, _ = training_rows(cfg, kind, tokenizer, run)
     model = load_model(cfg, run)
     if cfg.lora.enabled:

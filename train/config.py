@@ -27,6 +27,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Mixtral architecture with Hugging Face's key names, plus how to build it."""
     name: str = MISSING
+    # The tokenizer when model_path has no tokenizer.model of its own: a file, or the name of one shipped in
+    # mistral-common (v1 "tokenizer.model.v1", v3 "mistral_instruct_tokenizer_240323.model.v3"); null: v1.
+    # Its version (v1 / v3 chats) is read from the file (data/tokenizer.py).
+    tokenizer: Optional[str] = None
     vocab_size: int = 32000
     hidden_size: int = MISSING
     intermediate_size: int = MISSING

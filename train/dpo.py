@@ -26,7 +26,6 @@ import torch
 from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.preference import collate
-from data.tokenizer import load_tokenizer
 from model.lora import apply_lora
 from model.losses import dpo_loss
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, load_balancing_loss, z_loss
@@ -34,7 +33,7 @@ from train import cli, faults, reference
 from train.checkpoints import end_of_step, maybe_resume
 from train.finish import finish
 from train.metrics import Metrics, RouterStep, step_values
-from train.model_setup import build_engine, load_model
+from train.model_setup import build_engine, load_model, stage_tokenizer
 from train.rows import training_rows
 from train.runtime import start
 from train.checks import stage_checks
@@ -45,7 +44,7 @@ from train.config import DPOStageConfig
 @faults.exit_on_peer_loss
 def main(cfg) -> None:
     run = start(cfg)
-    tokenizer = load_tokenizer(cfg.model_path)
+    tokenizer = stage_tokenizer(cfg, run)
     pairs, _ = training_rows(cfg, "preference", tokenizer, run)
     model = load_model(cfg, run)
     if cfg.lora.enabled:

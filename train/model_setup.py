@@ -21,6 +21,29 @@ from train.memory_log import set_mmap_threshold
 from train.runtime import Run
 
 
+def stage_tokenizer(cfg, run: Run | None = None):
+    """The run's tokenizer: model_path's own tokenizer.model, else `model.tokenizer`, else v1
+    (data/tokenizer.py); its version goes to the log and `config.yaml` (`tokenizer_version`)."""
+    from data.tokenizer import load_tokenizer
+
+    from model.build import model_config
+    from train.config import ConfigError
+
+    folder = model_folder(cfg.model_path) if cfg.model_path else None
+    tokenizer = load_tokenizer(folder, cfg.model.tokenizer)
+    vocab = model_config(cfg.model, folder).vocab_size
+    if tokenizer.vocab_size > vocab:  # ids past the embedding: one line naming the key, before any weights load
+        raise ConfigError(f"model.vocab_size={vocab} but the {tokenizer.version} tokenizer ({tokenizer.path.name}) "
+                          f"has {tokenizer.vocab_size} pieces: use a preset with vocab_size ≥ {tokenizer.vocab_size} "
+                          f"(mixtral_8x22b and tiny_v3 have 32768)")
+    if run is not None and run.main:
+        run.print(f"[{cfg.stage}] tokenizer: {tokenizer.version}, {tokenizer.vocab_size} pieces ({tokenizer.path})")
+        with open(run.out / "config.yaml", "a") as f:  # what the run used, beside what it was asked
+            f.write(f"tokenizer_used:\n  version: {tokenizer.version}\n  vocab_size: {tokenizer.vocab_size}\n"
+                    f"  file: {tokenizer.path}\n")
+    return tokenizer
+
+
 def lr_lambda(cfg):
     warmup, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
 

@@ -22,7 +22,8 @@ def training_rows(cfg, kind: str, tokenizer, run: Run):
         error = None
         if (turn == 0) == run.main:
             try:
-                records = load_canonical(cfg.data, kind, cfg.seed, skipped_path=run.out / "skipped.jsonl", report=report)
+                records = load_canonical(cfg.data, kind, cfg.seed, skipped_path=run.out / "skipped.jsonl", report=report,
+                                         version=tokenizer.version)
             except RecordError as e:  # named by file and line; stop every rank before any heavy work
                 error = f"data error: {e}\n  (data.on_error=skip skips bad records, counts them and lists them in " \
                         f"{run.out / 'skipped.jsonl'})" if cfg.data.on_error == "raise" else f"data error: {e}"

@@ -72,3 +72,31 @@ def test_crlf_and_gzip_jsonl(tmp_path):
     p = tmp_path / "x.jsonl.gz"
     p.write_bytes(gzip.compress(b'{"text": "a"}\r\n{"text": "b"}\r\n'))
     assert [canonical(r, "auto", "text")["text"] for r in read_records(str(p))] == ["a", "b"]
+
+
+def test_sharegpt_tool_calls_load_and_encode_as_mistral_common_v3(shared_data):
+    """LLaMA-Factory's tool-call ShareGPT (function_call / observation turns, "tools" as a JSON string) becomes
+    OpenAI's shapes with 9-character call ids, and encodes as mistral_common v3 encodes that chat."""
+    from chat_cases import reference
+    from data.chat import encode_chat
+    from data.tokenizer import load_tokenizer, v3_tokenizer_path
+
+    tok = load_tokenizer(v3_tokenizer_path())
+    path = shared_data / "llama_factory_demo" / "glaive_toolcall_en_demo.json"
+    records = [canonical(r, "auto", "messages", version="v3") for r in read_records(str(path))]
+    with_calls = [r for r in records if any(m.get("tool_calls") for m in r["messages"])]
+    assert len(records) == 300 and len(with_calls) > 100 and all(r.get("tools") for r in with_calls)
+    again = [canonical(r, "auto", "messages", version="v3") for r in read_records(str(path))]
+    assert again == records  # the call ids are the same on every read (the tokenization cache relies on it)
+    for r in records[:120]:
+        assert list(encode_chat(r["messages"], tok, r.get("tools"))) == \
+            list(reference(r["messages"], v3_tokenizer_path(), for_training=True, tools=r.get("tools")))
+
+
+def test_tools_with_a_v1_tokenizer_name_the_file_and_line(shared_data):
+    path = shared_data / "llama_factory_demo" / "glaive_toolcall_en_demo.json"
+    with pytest.raises(RecordError) as err:
+        for r in read_records(str(path)):
+            canonical(r, "auto", "messages", version="v1")
+    assert err.value.kind == "invalid conversation" and "glaive_toolcall_en_demo.json" in str(err.value)
+    assert "v3 tokenizer" in str(err.value) and str(err.value).count("\n") == 0
