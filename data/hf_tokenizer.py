@@ -36,23 +36,88 @@ from pathlib import Path
 
 SPACE = "\u2581"
 
-# Jinja (transformers' sandbox): the optional system prompt joins the first user turn with "\n\n"; roles
-# alternate user/assistant; every answer ends with </s>. A conversation ending with a user turn is a prompt.
-CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
-    "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
-    "{{- bos_token -}}"
-    "{%- for message in turns -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{- raise_exception('roles must alternate user/assistant/user/... after an optional system message') -}}"
+# Jinja (transformers' sandbox) for both versions: first mistral_common's normalization (data/chat.py
+# `normalize`), then v1's or v3's scheme. JSON that the template cannot parse (a tool call's arguments or a tool
+# result given as a string) is emitted as written when it looks like JSON ({..}, [..], a number, true, false,
+# null) and as a JSON string otherwise: equal to mistral_common when the JSON is written as json.dumps writes it.
+_NORMALIZE = (
+    "{%- set ns = namespace(system='', turns=[], prev='', first=-1, last=-1) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}"
+    "{%- if m['content'] -%}{%- set ns.system = ns.system ~ ('\\n\\n' if ns.system else '') ~ m['content'] -%}{%- endif -%}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{%- set ns.turns = ns.turns + [{'role': 'tool', 'content': m['content'], 'calls': [], 'id': m['tool_call_id']}] -%}"
+    "{%- else -%}"
+    "{%- set text = m['content'] if m['content'] else '' -%}"
+    "{%- set calls = m['tool_calls'] if m['tool_calls'] else [] -%}"
+    "{%- if ns.prev == m['role'] -%}"
+    "{%- set before = ns.turns[-1] -%}"
+    "{%- set ns.turns = ns.turns[:-1] + [{'role': m['role'], 'content': before['content'] ~ ('\\n\\n' if before['content'] "
+    "and text else '') ~ text, 'calls': before['calls'] + calls}] -%}"
+    "{%- else -%}{%- set ns.turns = ns.turns + [{'role': m['role'], 'content': text, 'calls': calls}] -%}{%- endif -%}"
     "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if loop.first and system -%}{{- '[INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' -}}"
-    "{%- else -%}{{- '[INST] ' + message['content'] + ' [/INST]' -}}{%- endif -%}"
-    "{%- else -%}{{- ' ' + message['content'] + eos_token -}}{%- endif -%}"
+    "{%- set ns.prev = m['role'] -%}"
+    "{%- endfor -%}"
+    "{%- if not ns.turns or ns.turns[0]['role'] != 'user' -%}"
+    "{%- set ns.turns = [{'role': 'user', 'content': '', 'calls': []}] + ns.turns -%}{%- endif -%}"
+    "{%- for t in ns.turns -%}{%- if t['role'] == 'user' -%}"
+    "{%- if ns.first < 0 -%}{%- set ns.first = loop.index0 -%}{%- endif -%}{%- set ns.last = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+)
+_JSON = (
+    "{%- macro json_text(x) -%}"
+    "{%- if x is not string -%}{{- x | tojson -}}"
+    "{%- elif x == '' -%}{{- '{}' -}}"
+    "{%- elif x[:1] in ['{', '['] or x in ['true', 'false', 'null'] or (x | int | string) == x "
+    "or (x | float | string) == x -%}{{- x -}}"
+    "{%- else -%}{{- x | tojson -}}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+V1_TEMPLATE = _NORMALIZE + (
+    "{%- if tools or ns.turns | selectattr('role', 'equalto', 'tool') | list -%}"
+    "{{- raise_exception('tools need a v3 tokenizer (Mixtral-8x22B); the v1 tokenizer has no tool tokens') -}}"
+    "{%- endif -%}"
+    "{{- bos_token -}}"
+    "{%- for t in ns.turns -%}"
+    "{%- if t['role'] == 'user' -%}"
+    "{{- (' ' if not loop.first and ns.turns[loop.index0 - 1]['role'] == 'user' else '') ~ '[INST] ' -}}"
+    "{{- (ns.system ~ '\\n\\n' if loop.index0 == ns.first and ns.system else '') ~ t['content'] ~ ' [/INST]' -}}"
+    "{%- elif t['calls'] -%}"
+    "{{- raise_exception('tool calls need a v3 tokenizer (Mixtral-8x22B); the v1 tokenizer has no tool tokens') -}}"
+    "{%- else -%}{{- ' ' ~ t['content'] ~ eos_token -}}{%- endif -%}"
     "{%- endfor -%}"
 )
+V3_TEMPLATE = _JSON + _NORMALIZE + (
+    "{{- bos_token -}}"
+    "{%- for t in ns.turns -%}"
+    "{%- if t['role'] == 'user' -%}"
+    "{%- if tools and loop.index0 == ns.last -%}"
+    "{%- set ts = namespace(items=[]) -%}"
+    "{%- for tool in tools -%}{%- set f = tool['function'] if tool['function'] is defined else tool -%}"
+    "{%- set ts.items = ts.items + [{'type': 'function', 'function': {'name': f['name'], "
+    "'description': f['description'] if f['description'] else '', 'parameters': f['parameters'] if f['parameters'] "
+    "else {}}}] -%}{%- endfor -%}"
+    "{{- '[AVAILABLE_TOOLS]' ~ (ts.items | tojson) ~ '[/AVAILABLE_TOOLS]' -}}"
+    "{%- endif -%}"
+    "{{- '[INST]' ~ (ns.system ~ '\\n\\n' if loop.index0 == ns.last and ns.system else '') ~ t['content'] ~ '[/INST]' -}}"
+    "{%- elif t['role'] == 'tool' -%}"
+    "{{- '[TOOL_RESULTS]{\"content\": ' ~ json_text(t['content']) ~ ', \"call_id\": ' ~ (t['id'] | tojson) ~ '}[/TOOL_RESULTS]' -}}"
+    "{%- elif t['calls'] -%}"
+    "{{- '[TOOL_CALLS][' -}}"
+    "{%- for c in t['calls'] -%}{%- set f = c['function'] if c['function'] is defined else c -%}"
+    "{{- ', ' if not loop.first else '' -}}"
+    "{{- '{\"name\": ' ~ (f['name'] | tojson) ~ ', \"arguments\": ' ~ json_text(f['arguments']) -}}"
+    "{{- (', \"id\": ' ~ (c['id'] | tojson)) if c['id'] and c['id'] != 'null' else '' -}}{{- '}' -}}"
+    "{%- endfor -%}"
+    "{{- ']' ~ eos_token -}}"
+    "{%- else -%}{{- t['content'].rstrip(' ') ~ eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def chat_template(version: str) -> str:
+    """The export's chat template for a tokenizer version ("v1" or "v3")."""
+    return {"v1": V1_TEMPLATE, "v3": V3_TEMPLATE}[version]
 
 
 def _bpe(model_file: str | Path):
@@ -90,14 +155,26 @@ def build_fast_tokenizer(model_file: str | Path):
                                      decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", vocab["<s>"])])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<unk>", *_controls(model_file)]])
     return tok
+
+
+def _controls(model_file: str | Path) -> list[str]:
+    """The control pieces (v1: <s> </s>; v3 also [INST] ... [/TOOL_RESULTS], [IMG], [control_N]), in id order."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    return [p.piece for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.CONTROL]
 
 
 def write_hf_tokenizer(model_file: str | Path, folder: str | Path) -> list[str]:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `folder` (the
     sentencepiece `tokenizer.model` itself is copied by the caller). Returns the file names written."""
+    from data.tokenizer import Tokenizer
+
     folder = Path(folder)
+    version = Tokenizer(model_file).version
     build_fast_tokenizer(model_file).save(str(folder / "tokenizer.json"))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config = {
@@ -111,7 +188,7 @@ def write_hf_tokenizer(model_file: str | Path, folder: str | Path) -> list[str]:
         "legacy": False,
         "model_max_length": 32768,
         "padding_side": "left",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template(version),
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

@@ -24,8 +24,11 @@ TEXTS = [
     "code:\n```python\ndef f(x):\n    return x * 2\n```", "Ελληνικά και русский текст", '{"json": "looking", "n": 1}',
     "\ufeffa BOM and zero\u200bwidth", "a" * 120,
 ]
+CONTROL_STRINGS = ("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[TOOL_RESULTS]")
+# what an HF tokenizer reads as text (it reads the control-token strings as control tokens: data/hf_tokenizer.py)
+PLAIN_TEXTS = [t for t in TEXTS if not any(c in t for c in CONTROL_STRINGS)]
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city </s>",
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                       "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                      "required": ["city"]}}},
     {"type": "function", "function": {"name": "add", "description": "",
@@ -34,20 +37,21 @@ TOOLS = [
 ]
 # arguments and tool results as users write them; CANONICAL_* are JSON as json.dumps writes it (what an HF chat
 # template can reproduce: it cannot parse JSON, data/hf_tokenizer.py)
-CANONICAL_ARGS = [{"city": "Paris"}, {"a": 1, "b": 2.5}, {}, {"city": "Zürich </s>"}]
+CANONICAL_ARGS = [{"city": "Paris"}, {"a": 1, "b": 2.5}, {}, {"city": "Zürich"}]
 ARGS = CANONICAL_ARGS + ['{"city": "Paris"}', '{"x":  [1,2]}', "", "not json"]
-CANONICAL_RESULTS = ['{"temp": 20}', "plain text result", "", "[1, 2, 3]", '{"a": "ünï </s>"}', "sunny, 20 °C"]
-RESULTS = CANONICAL_RESULTS + ["3.5", '{"temp":20}']
+CANONICAL_RESULTS = ['{"temp": 20}', "plain text result", "", "[1, 2, 3]", '{"a": "ünï"}', "sunny, 20 °C", "3.5", "7"]
+RESULTS = CANONICAL_RESULTS + ['{"temp":20}', '{"a": "</s>"}']
+ARGS = ARGS + [{"city": "Zürich </s>"}]
 
 
 def call_id(rng) -> str:
     return "".join(rng.choice("abcdefghijkABCDEFG0123456789") for _ in range(9))
 
 
-def chat(rng: random.Random, *, tools: bool, for_training: bool = True, odd: bool = True, canonical: bool = False):
+def chat(rng: random.Random, *, tools: bool, for_training: bool = True, odd: bool = True, canonical: bool = False,
+         texts=TEXTS):
     """(messages, tools or None). `odd`: also role orders mistral_common merges (user after user, a system
     message between turns, answer after answer); `canonical`: tool JSON as json.dumps writes it."""
-    texts = TEXTS
     msgs = []
     if rng.random() < 0.4:
         msgs.append({"role": "system", "content": rng.choice(texts + [""])})
