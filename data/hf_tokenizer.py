@@ -1,13 +1,13 @@
-"""The project's tokenizer and [INST] chat scheme as Hugging Face tokenizer files, for exports.
+"""The project's tokenizers and chat schemes (v1 and v3) as Hugging Face tokenizer files, for exports.
 
 `write_hf_tokenizer(model_file, folder)` writes `tokenizer.json` (fast), `tokenizer_config.json` (with the
-chat template) and `special_tokens_map.json` such that, in transformers 4 and 5, vLLM and TGI:
+chat template of the file's version) and `special_tokens_map.json` such that, in transformers 4 and 5, vLLM and TGI:
 
-    AutoTokenizer(folder)(text).input_ids           == [BOS] + sentencepiece(text)
-    AutoTokenizer(folder).apply_chat_template(msgs)  == data.chat.encode_chat / encode_prompt(msgs)
-                                                     == mistral_common's InstructTokenizerV1
+    AutoTokenizer(folder)(text).input_ids                  == [BOS] + sentencepiece(text)
+    AutoTokenizer(folder).apply_chat_template(msgs, tools) == data.chat.encode_chat / encode_prompt(msgs, ..., tools)
+                                                           == mistral_common's InstructTokenizerV1 / V3
 
-(tests/unit/test_hf_tokenizer.py checks both on the real chats of ../shared/data and generated ones).
+(tests/unit/test_hf_tokenizer.py checks both versions on the real chats of ../shared/data and generated ones).
 
 The tokenizer.json reproduces sentencepiece's BPE exactly rather than the usual Llama conversion, which
 differs on runs of spaces ("  two" → sentencepiece [▁▁, ▁two]; a Metaspace pre-tokenizer splits at every ▁):
@@ -18,15 +18,15 @@ differs on runs of spaces ("  two" → sentencepiece [▁▁, ▁two]; a Metaspa
     model           BPE over the sentencepiece vocabulary; the merge a+b ranks by the score of the piece a+b
                     (sentencepiece merges the pair whose result scores highest); unknown characters fall
                     back to <0xXX> byte pieces
+    added tokens    <unk> and every control piece (v1: <s> </s>; v3 also [INST] ... [/TOOL_RESULTS], [IMG], ...):
+                    the text between two of them is normalized on its own, so it gets the dummy-prefix "▁"
+                    exactly as mistral_common's separate encoding of each piece of text does
     post-processor  <s> before the text
 
-The chat template renders "<s>[INST] {system}\\n\\n{user} [/INST] {assistant}</s>[INST] ..." — each message
-is a separate piece of text in data/chat.py, and the pre-tokenizer's word boundaries at "▁" plus the
-control tokens' boundaries make the rendered string tokenize to the same ids. The literal strings "<s>",
-"</s>" and "<unk>" inside a text are control tokens to an HF tokenizer unless it is called with
-`split_special_tokens=True` (then they are text, as sentencepiece and mistral_common encode them); a chat
-template needs them as control tokens, so inside a message they would be read so (as with mistralai's own
-files) — which is why data/chat.py refuses a message that holds one.
+What no HF tokenizer can do: tell a control-token string typed inside a message ("</s>", v3's "[INST]") from
+the template's own control tokens. data/chat.py and the server encode such text as text, as mistral_common
+does; the export's template reads it as control tokens (README, "Exports"). With `split_special_tokens=True`
+plain text keeps them as text.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from data.chat import ChatFormatError, encode_prompt
 
 MAX_BODY_BYTES = 4 * 2**20
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class BadRequest(ValueError):
@@ -34,6 +34,8 @@ class Job:
     stream: bool = False
     seed: int | None = None
     completion_tokens: int = 0
+    tools: bool = False                   # the request offered tools: an answer may be tool calls
+    tool_calls: list | None = None        # the answer's tool calls, in OpenAI's shape (eval/serve.py)
 
 
 def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
@@ -47,9 +49,12 @@ def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool =
     return value
 
 
-def _content(m: dict, i: int) -> str:
-    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+def _content(m: dict, i: int) -> str | None:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts (None: an assistant's
+    tool calls without text)."""
     content = m.get("content")
+    if content is None and m.get("role") == "assistant" and m.get("tool_calls"):
+        return None
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                          for p in content):
         return "".join(p["text"] for p in content)
@@ -74,11 +79,20 @@ def check_request(body, chat: bool, tokenizer, context: int, max_new_tokens: int
             if m.get("role") not in ROLES:
                 raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
                                  f"{json.dumps(m.get('role'))[:40]}", f"messages[{i}].role")
-            msgs.append({"role": m["role"], "content": _content(m, i)})
+            msgs.append({k: m[k] for k in ("tool_calls", "tool_call_id", "name") if m.get(k) is not None}
+                        | {"role": m["role"], "content": _content(m, i)})
+        tools = body.get("tools") or None
+        if body.get("tool_choice") not in (None, "auto", "none"):
+            raise BadRequest("'tool_choice' must be \"auto\" or \"none\" (the model decides whether to call a tool)",
+                             "tool_choice")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise BadRequest("'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects", "tools")
+        if body.get("tool_choice") == "none":
+            tools = None
         try:
-            ids = encode_prompt(msgs, tokenizer)
+            ids = encode_prompt(msgs, tokenizer, tools)
         except ChatFormatError as e:
-            raise BadRequest(str(e), "messages") from None
+            raise BadRequest(str(e), "tools" if str(e).startswith("tools") else "messages") from None
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -110,4 +124,5 @@ def check_request(body, chat: bool, tokenizer, context: int, max_new_tokens: int
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest("'seed' must be an integer", "seed")
     return Job(ids, max_new, float(_number(body, "temperature", 0.0, 0.0, 2.0)),
-               float(_number(body, "top_p", 1.0, 1e-9, 1.0)), stop, body.get("stream", False), seed)
+               float(_number(body, "top_p", 1.0, 1e-9, 1.0)), stop, body.get("stream", False), seed,
+               tools=bool(chat and tokenizer.version == "v3" and body.get("tools") and body.get("tool_choice") != "none"))

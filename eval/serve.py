@@ -1,11 +1,15 @@
-"""An OpenAI-compatible HTTP server for an HF Mixtral folder (FastAPI + uvicorn), with the [INST] template.
+"""An OpenAI-compatible HTTP server for an HF Mixtral folder (FastAPI + uvicorn), with the model's chat format.
 
     python eval/serve.py model_path=outputs/sft/hf port=8000          # binds 127.0.0.1 unless host= is given
 
 Endpoints, in OpenAI's wire format (tests use the official `openai` client):
 
     GET  /v1/models             the one model, named `model_id` (default: the run's name, e.g. "sft" for outputs/sft/hf)
-    POST /v1/chat/completions   messages → [INST] prompt (data/chat.py); "stream": true sends server-sent events
+    POST /v1/chat/completions   messages → prompt as mistral_common encodes it (data/chat.py, v1 or v3 by the
+                                folder's tokenizer); "stream": true sends server-sent events. A v3 model takes
+                                `tools` (and assistant `tool_calls`, `tool` messages): an answer that starts with
+                                [TOOL_CALLS] is returned as `message.tool_calls` (finish_reason "tool_calls"; when
+                                streamed, one delta with the whole calls). A v1 model refuses `tools` with a 400.
     POST /v1/completions        a raw text prompt (BOS + sentencepiece), for base models; streaming too
 
 Every request is checked before anything is generated or any stream starts, so a malformed one gets a 4xx
@@ -18,6 +22,7 @@ One generation runs at a time; concurrent requests queue (uvicorn's thread pool)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -78,6 +83,16 @@ class Generator:
         tokens = self.tokens(job)
         try:
             for token in tokens:
+                if not got and job.tools and token == self.tokenizer.control.get("[TOOL_CALLS]"):
+                    rest = list(tokens)  # the calls' JSON, up to </s>
+                    job.completion_tokens = 1 + len(rest)
+                    job.tool_calls = tool_calls(self.tokenizer.decode(rest), job.ids)
+                    if job.tool_calls is not None:
+                        yield "", "tool_calls"
+                        return
+                    got = rest  # not the JSON of tool calls: the text is the answer
+                    text = self.tokenizer.decode(got)
+                    break
                 got.append(token)
                 text = self.tokenizer.decode(got)
                 cut = min((text.find(s) for s in job.stop if s in text), default=-1)
@@ -96,9 +111,32 @@ class Generator:
         yield "", finish or ("stop" if len(got) < job.max_new else "length")
 
 
-def _chunk(kind: str, cid: str, created: int, model: str, text: str | None, finish, role: bool = False) -> dict:
+def tool_calls(text: str, prompt: list[int]) -> list[dict] | None:
+    """The model's [TOOL_CALLS] JSON (v3: [{"name", "arguments", "id"?}]) in OpenAI's shape, or None when it is
+    not such JSON. A call without an id gets one (9 letters or digits, as v3 wants), derived from the prompt."""
+    try:
+        calls = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        return None
+    out = []
+    for k, c in enumerate(calls):
+        args = c.get("arguments", {})
+        digest = hashlib.sha256(f"{prompt}#{k}".encode()).hexdigest()
+        out.append({"id": c["id"] if isinstance(c.get("id"), str) else digest[:9], "type": "function",
+                    "function": {"name": c["name"],
+                                 "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}})
+    return out
+
+
+def _chunk(kind: str, cid: str, created: int, model: str, text: str | None, finish, role: bool = False,
+           calls: list | None = None) -> dict:
     if kind == "chat":
         delta = ({"role": "assistant", "content": ""} if role else {"content": text} if text else {})
+        if calls:
+            delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -161,6 +199,9 @@ def build_app(gen: Generator):
                 if kind == "chat":
                     yield f"data: {json.dumps(_chunk(kind, cid, created, gen.model_id, None, None, role=True))}\n\n"
                 for text, finish in gen.pieces(job):
+                    if finish == "tool_calls":
+                        chunk = _chunk(kind, cid, created, gen.model_id, None, None, calls=job.tool_calls)
+                        yield f"data: {json.dumps(chunk)}\n\n"
                     if text or finish:
                         yield f"data: {json.dumps(_chunk(kind, cid, created, gen.model_id, text, finish))}\n\n"
                 yield "data: [DONE]\n\n"
@@ -173,7 +214,9 @@ def build_app(gen: Generator):
         text, finish, n = await run_in_threadpool(whole)
         usage = {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
         if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            message = ({"role": "assistant", "content": None, "tool_calls": job.tool_calls} if job.tool_calls
+                       else {"role": "assistant", "content": text})
+            choice = {"index": 0, "message": message, "finish_reason": finish}
             return {"id": cid, "object": "chat.completion", "created": created, "model": gen.model_id,
                     "choices": [choice], "usage": usage}
         return {"id": cid, "object": "text_completion", "created": created, "model": gen.model_id,
