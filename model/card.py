@@ -34,7 +34,17 @@ def front_matter(text: str) -> dict:
     return yaml.safe_load(text[4:end]) or {} if end > 0 else {}
 
 
-def model_card(cfg, data: dict, final: dict, parameters: int, recipe: str | None, repo_id: str | None = None) -> str:
+FORMATS = {
+    "v1": "Mistral's v1 `[INST]` format, which the chat template in `tokenizer_config.json` applies (`<s>[INST] user "
+          "[/INST] answer</s>[INST] ...`, a system prompt joined to the first user turn by a blank line)",
+    "v3": "Mistral's v3 format (Mixtral-8x22B's: `[INST]`, `[/INST]`, `[AVAILABLE_TOOLS]`, `[TOOL_CALLS]`, "
+          "`[TOOL_RESULTS]` are control tokens), which the chat template in `tokenizer_config.json` applies, tools "
+          "included (`apply_chat_template(messages, tools=tools)`; a system prompt joins the last user turn)",
+}
+
+
+def model_card(cfg, data: dict, final: dict, parameters: int, recipe: str | None, repo_id: str | None = None,
+               tokenizer_version: str = "v1", resumes: list | None = None) -> str:
     """Markdown model card for the export of a finished stage.
 
     Args:
@@ -44,12 +54,17 @@ def model_card(cfg, data: dict, final: dict, parameters: int, recipe: str | None
         parameters: the model's parameter count.
         recipe: the recipe the stage ran (`recipe=` on the command line), if any.
         repo_id: the Hub repository the folder is pushed to, used in the usage snippet.
+        tokenizer_version: "v1" or "v3" (data/tokenizer.py), for the prompt format.
+        resumes: config.yaml's `resumes` ({"step", "changed": {key: [before, after]}}, train/contract.py).
     """
     stages, base = read_stages(cfg.model_path)
     this = {"stage": cfg.stage, "data": str(cfg.data.path), "records": int(data.get("records", 0)),
             "rows": int(data.get("rows", 0)), "tokens": int(data.get("real_tokens", 0)), "steps": int(cfg.max_steps),
-            "lora": bool(cfg.lora.enabled), "recipe": recipe,
+            "lora": bool(cfg.lora.enabled), "recipe": recipe, "tokenizer": tokenizer_version,
             "final": {k: round(float(final[k]), 6) for k in FINAL_KEYS if k in final}}
+    if resumes:
+        this["resumes"] = [{"step": r["step"], "changed": {k: [str(v) for v in ba] for k, ba in r["changed"].items()}}
+                           for r in resumes]
     stages = [*stages, this]
     datasets = sorted({s["data"] for s in stages if s["data"] != "synthetic"})
     meta = {"license": "apache-2.0", "library_name": "transformers", "pipeline_tag": "text-generation",
@@ -69,6 +84,10 @@ def model_card(cfg, data: dict, final: dict, parameters: int, recipe: str | None
         f"{s['rows']} rows, {s['tokens']} tokens | {s['steps']} | "
         + ", ".join(f"{k} {v:.4g}" for k, v in s["final"].items()) + " |"
         for i, s in enumerate(stages))
+    resumed = "".join(
+        f"\nResumed at step {r['step']}" + (": " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in r["changed"].items())
+                                            if r["changed"] else " with the same settings") + "."
+        for r in this.get("resumes", []))
     knobs = (f"ZeRO stage {cfg.deepspeed.get('zero_optimization', {}).get('stage', 0)}, expert_parallel_size "
              f"{cfg.expert_parallel_size}, global batch {cfg.global_batch_size} × {cfg.max_seq_len} tokens, "
              f"{cfg.optim.name} lr {cfg.optim.lr}, router aux {cfg.router.aux_loss_coef}, z {cfg.router.z_loss_coef}")
@@ -80,7 +99,7 @@ def model_card(cfg, data: dict, final: dict, parameters: int, recipe: str | None
 
 A Mixtral sparse mixture-of-experts model ({size} parameters), {origin}, by mixtral-tune.
 Last stage: **{cfg.stage}**{f" (recipe `{recipe}`)" if recipe else ""}; {knobs}. The fully resolved configuration
-is `training_config.yaml` in this folder.
+is `training_config.yaml` in this folder.{resumed}
 
 ## Stages
 
@@ -90,9 +109,7 @@ is `training_config.yaml` in this folder.
 
 ## Intended use
 
-Research and further fine-tuning of Mixtral chat models. Prompts use Mistral's v1 `[INST]` format, which the
-chat template in `tokenizer_config.json` applies (`<s>[INST] user [/INST] answer</s>[INST] ...`, a system
-prompt joined to the first user turn by a blank line). The model inherits the biases of its base model and
+Research and further fine-tuning of Mixtral chat models. Prompts use {FORMATS[tokenizer_version]}. The model inherits the biases of its base model and
 data and has no safety tuning beyond what its stages' data taught it; evaluate it before any use.
 
 ## Usage

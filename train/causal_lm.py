@@ -47,6 +47,7 @@ def train(cfg, kind: str) -> None:
 
     engine.train()
     while step < cfg.max_steps:
+        lr = engine.get_lr()[0]  # the rate this step applies (logged with it)
         # this rank's rows (its data-parallel group's), and with sequence parallelism its share of their tokens
         micro_batches = [run.shard(rows.batch(ix), tokenizer.pad_id)
                          for ix in batches.micro_batches(step, run.dp_rank, run.dp, cfg.micro_batch_size)]
@@ -84,7 +85,7 @@ def train(cfg, kind: str) -> None:
         metrics.log(step, {
             "loss": ce_step + cfg.router.aux_loss_coef * aux_step + cfg.router.z_loss_coef * z_step,
             "ce": ce_step, "aux": aux_step, "z": z_step, "tokens": tokens, "label_tokens": int(n_labels),
-            **step_values(engine, guard, batches, step, skipped),
+            **step_values(engine, guard, batches, step, skipped, lr),
         }, stats)
         end_of_step(engine, cfg, run, guard, step)
 

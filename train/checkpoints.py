@@ -114,6 +114,7 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
     if path is None:
         raise RuntimeError(f"could not load checkpoint {ckpt / tag}")
     step = int(client["step"])
+    elastic.set_schedule(engine.lr_scheduler, engine.lr_scheduler.last_epoch)  # this run's schedule from here on
     rng = torch.load(ckpt / tag / f"rng_rank{run.rank}.pt", weights_only=True)
     version, state, gauss_next = rng["python"]
     random.setstate((version, tuple(state), gauss_next))

@@ -155,27 +155,46 @@ def validate(cfg, world_size: int | None = None) -> None:
                               f"{groups} = {cfg.micro_batch_size} × {world_size} = {per_step}")
 
 
-RUN_FILES = ("metrics.jsonl", "config.yaml", "memory.json", "skipped.jsonl", "hf", "hf.tmp", "adapter", "checkpoints")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "memory.json", "skipped.jsonl", "build.log", "hf", "hf.tmp",
+             "hf.check_failed", "adapter", "checkpoints")
+
+
+def earlier_work(out: str) -> list[str]:
+    """What in `out` shows that a run took at least one step: logged steps, a checkpoint, an export. A run that
+    stopped before its first step (a data error, a bad layout) leaves only its config, logs and report."""
+    found = []
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        found.append("metrics.jsonl")
+    ckpt = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckpt) and any(n.startswith("step_") for n in os.listdir(ckpt)):
+        found.append("checkpoints")
+    found += [n for n in ("hf", "hf.check_failed", "adapter") if os.path.isdir(os.path.join(out, n))]
+    return found
 
 
 def check_output_dir(cfg) -> None:
-    """A stage never writes over an earlier run by accident: a non-empty `output_dir` needs resume=true
-    (continue it) or overwrite=true (start afresh; `start_afresh` clears it, keeping the tokenization cache)."""
+    """A stage never writes over an earlier run by accident: an `output_dir` where a run took steps needs
+    resume=true (continue it) or overwrite=true (start afresh; `start_afresh` clears it, keeping the tokenization
+    cache). What a run that failed before its first step left does not block the same command again."""
     out = os.path.expanduser(cfg.output_dir)
     if cfg.resume or cfg.overwrite or not os.path.isdir(out):
         return
-    found = sorted(name for name in os.listdir(out) if name in RUN_FILES)
+    found = earlier_work(out)
     if found:
-        raise ConfigError(f"output_dir={cfg.output_dir} holds an earlier run ({', '.join(found)}): resume=true continues "
-                          f"it, overwrite=true replaces it, or choose another output_dir")
+        advice = ("resume=true continues it, overwrite=true replaces it" if "checkpoints" in found else
+                  "it has no checkpoint to resume from (checkpoint_every), so overwrite=true replaces it")
+        raise ConfigError(f"output_dir={cfg.output_dir} holds an earlier run ({', '.join(found)}): {advice}, "
+                          f"or choose another output_dir")
 
 
 def start_afresh(cfg) -> None:
-    """overwrite=true: remove an earlier run's files from output_dir (rank 0, before anything is written)."""
+    """Rank 0, before anything is written: overwrite=true removes an earlier run's files from output_dir; so does a
+    fresh start over the leftovers of a run that never took a step (its config.yaml, build.log, skipped.jsonl)."""
     import shutil
 
     out = os.path.expanduser(cfg.output_dir)
-    if not cfg.overwrite or cfg.resume or not os.path.isdir(out):
+    if cfg.resume or not os.path.isdir(out) or not (cfg.overwrite or not earlier_work(out)):
         return
     for name in RUN_FILES:
         path = os.path.join(out, name)
@@ -187,5 +206,8 @@ def start_afresh(cfg) -> None:
 
 def stage_checks(cfg) -> None:
     """Everything a stage checks from its config alone, before torch.distributed starts (train/cli.py)."""
+    from train.contract import check_resume
+
     validate(cfg)
     check_output_dir(cfg)
+    check_resume(cfg)

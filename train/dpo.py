@@ -70,6 +70,7 @@ def main(cfg) -> None:
 
     engine.train()
     while step < cfg.max_steps:
+        lr = engine.get_lr()[0]  # the rate this step applies (logged with it)
         index = batches.micro_batches(step, run.dp_rank, run.dp, cfg.micro_batch_size)
         # this rank's pairs (its data-parallel group's), and with sequence parallelism its share of their tokens
         micro_batches = [run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix, tokenizer),
@@ -131,7 +132,7 @@ def main(cfg) -> None:
             "rewards/margins": float((g[1] - g[2]) / G), "rewards/accuracy": float(g[3] / G),
             "logps/chosen": float(g[4] / G), "logps/rejected": float(g[5] / G),
             "tokens": int(run.all_sum(sum(int((b["input_ids"] != tokenizer.pad_id).sum()) for b in micro_batches))),
-            "pairs": G, **step_values(engine, guard, batches, step, skipped),
+            "pairs": G, **step_values(engine, guard, batches, step, skipped, lr),
         }, stats)
         end_of_step(engine, cfg, run, guard, step)
 

@@ -231,7 +231,7 @@ def load_portable(engine, folder: Path, model_config, ep_size: int, ep_rank: int
             if "step" in state:
                 state["step"] = torch.full_like(state["step"], layout["optimizer_steps"]) if torch.is_tensor(
                     state["step"]) else layout["optimizer_steps"]
-    _set_schedule(engine.lr_scheduler, layout["scheduler_steps"])
+    set_schedule(engine.lr_scheduler, layout["scheduler_steps"])
     engine.global_steps = layout["step"]
     engine.global_samples = layout["step"] * layout["global_batch_size"]
     return layout
@@ -255,9 +255,10 @@ def _step_tensor(opt, p: torch.Tensor, steps: int):
     return torch.tensor(float(steps), dtype=torch.float32, device=p.device if fused else "cpu")
 
 
-def _set_schedule(scheduler, steps: int) -> None:
-    """Put a `LambdaLR` at `steps` (the new layout may have another number of parameter groups, so its
-    state dict from the old one does not fit): the LR every group uses for the next step."""
+def set_schedule(scheduler, steps: int) -> None:
+    """Put a `LambdaLR` at `steps` with this run's schedule: the LR every group uses for the next step. (A portable
+    checkpoint's new layout may have another number of parameter groups, so the old state dict does not fit; a
+    same-layout resume loads the old groups' LR, the *old* schedule's next rate, which a changed max_steps moved.)"""
     scheduler.last_epoch = steps
     scheduler._step_count = steps + 1
     lrs = [base * fn(steps) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]

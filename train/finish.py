@@ -59,7 +59,8 @@ def _export(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
     card = None
     if run.main:
         card = model_card(cfg, vars(run.data_report) if run.data_report else {}, run.final_metrics,
-                          parameter_counts(run.model_config)["total"], cfg.recipe_name, cfg.hub.repo_id)
+                          parameter_counts(run.model_config)["total"], cfg.recipe_name, cfg.hub.repo_id,
+                          tokenizer.version, run.resumes)
     export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling,
               training_config=OmegaConf.to_yaml(cfg, resolve=True), card=card)
     run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")

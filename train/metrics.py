@@ -37,10 +37,11 @@ class RouterStep:
         return float(run.all_sum(self.aux)) / run.world, float(run.all_sum(self.z)) / run.world
 
 
-def step_values(engine, guard: faults.NonFinite, batches, step: int, skipped: int) -> dict:
-    """The metrics every stage logs after optimizer step `step`: lr, gradient norm, data position, skips."""
+def step_values(engine, guard: faults.NonFinite, batches, step: int, skipped: int, lr: float) -> dict:
+    """The metrics every stage logs after optimizer step `step`: the rate `lr` that step applied (read before
+    it: afterwards `engine.get_lr()` is the next step's), gradient norm, data position, skips."""
     norm = engine.get_global_grad_norm()  # every layout measures it (model.distributed.settle_zero0 for ZeRO-0)
-    return {"lr": engine.get_lr()[0], "grad_norm": None if norm is None else float(norm),
+    return {"lr": lr, "grad_norm": None if norm is None else float(norm),
             "epoch": batches.epoch(step), "rows": batches.global_rows(step - 1),
             "skipped": skipped, "skipped_total": guard.total}
 

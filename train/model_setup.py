@@ -45,17 +45,32 @@ def stage_tokenizer(cfg, run: Run | None = None):
 
 
 def lr_lambda(cfg):
+    """The learning-rate factor f(k) of optimizer update k = 0 … T−1 (T = max_steps, W = optim.warmup_steps,
+    m = optim.min_lr_ratio); update k is applied at lr · f(k), which metrics.jsonl logs as step k + 1:
+
+        warmup      k < W:  (k + 1) / W                       (the first update is not at rate 0)
+        constant    1
+        linear      m + (1 − m) · (1 − p)                     p = clamp((k − W) / (T − W), 0, 1)
+        cosine      m + (1 − m) · ½ (1 + cos(π p))
+        wsd         m + (1 − m) · clamp((T − 1 − k) / D, 0, 1)   D = max(1, round(decay_fraction · (T − W))):
+                    constant, then linear over the last D updates, reaching m exactly at the last one
+
+    Every factor lies in [min(m, 1/W), 1] for every k ≥ 0, past T included (a resumed run with a lower
+    max_steps), so no rate is ever negative. tests/unit/test_schedules.py checks each schedule at every step."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
+
+    def clamp(x: float) -> float:
+        return min(1.0, max(0.0, x))
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if cfg.optim.schedule == "constant":
             return 1.0
-        if cfg.optim.schedule == "wsd":  # warmup-stable-decay: constant, then linear to the floor at the end
+        if cfg.optim.schedule == "wsd":
             decay = max(1, round(cfg.optim.decay_fraction * (total - warmup)))
-            return floor + (1 - floor) * min(1.0, (total - 1 - step) / decay)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * clamp((total - 1 - step) / decay)
+        progress = clamp((step - warmup) / max(1, total - warmup))
         if cfg.optim.schedule == "linear":
             return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

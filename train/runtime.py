@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
@@ -21,6 +22,7 @@ from model.build import resolve_dtype
 from model.distributed import accumulation_steps, batch_arithmetic, zero_stage
 from train import console, faults, preflight
 from train.checks import check_output_dir, start_afresh, validate
+from train.contract import check_resume, resume_history
 from train.config import ConfigError
 from train.memory_log import PhaseMemory
 
@@ -42,6 +44,7 @@ class Run:
     final_metrics: dict = field(default_factory=dict)  # rank 0: the last metrics row
     t0: float = field(default_factory=lambda: console.STARTED)  # when the command started
     resume_from: Path | None = None   # a portable checkpoint to resume from (the layout changed)
+    resumes: list = field(default_factory=list)  # rank 0: config.yaml's `resumes` (train/contract.py)
 
     @property
     def main(self) -> bool:
@@ -86,6 +89,7 @@ def start(cfg) -> Run:
     try:
         validate(cfg, world_size=world)
         check_output_dir(cfg)
+        check_resume(cfg)
         model_cfg = preflight.model_config_of(cfg)
         holds = preflight.check(cfg, world, preflight.local_world_size(), resolve_dtype(cfg.precision), model_cfg)
     except ConfigError as e:
@@ -117,8 +121,14 @@ def start(cfg) -> Run:
     run = Run(rank=rank, world=world, local_rank=local_rank, device=device, dtype=resolve_dtype(cfg.precision),
               out=Path(cfg.output_dir), gas=accumulation_steps(cfg, world),
               sp=sp, model_config=model_cfg)
-    if run.main:
-        (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if run.main:  # what this segment runs with, and what each resume changed (train/contract.py)
+        from train.checkpoints import complete_checkpoints  # (it imports this module)
+
+        tags = complete_checkpoints(run.out / "checkpoints")
+        history = resume_history(cfg, int(tags[-1].name.split("_")[1]) if tags else None)
+        (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True)
+                                             + (yaml.safe_dump({"resumes": history}, sort_keys=False) if history else ""))
+        run.resumes = history
     run.barrier()
     run.memory = PhaseMemory(run, cfg.stage)
     run.print(f"[{cfg.stage}] {world} rank(s) on {device.type}, {run.dtype}, ZeRO-{zero_stage(cfg.deepspeed)}, "

@@ -13,7 +13,7 @@ CITIES = ["Paris", "Oslo", "Lima", "Rome", "Cairo", "Tokyo", "Quito", "Dakar"]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}}]
-TINY = ["model=tiny_v3", "max_seq_len=256", "data.dedup=false", "optim.warmup_steps=3", "optim.schedule=constant"]
+TINY = ["model=tiny_v3", "max_seq_len=256", "data.dedup=false"]
 
 
 def _chat(i: int, city: str, rep: int) -> list[dict]:
@@ -35,9 +35,11 @@ def v3_runs(tmp_path_factory):
                                             "rejected": "I cannot tell.", "tools": TOOLS}) + "\n"
                                 for i, c in enumerate(CITIES)))
     sft = run_stage("sft", root / "sft", [*TINY, f"data.path={sft_data}", "max_steps=80", "global_batch_size=8",
-                                          "micro_batch_size=8", "optim.lr=5e-3"], nproc=1)
+                                          "micro_batch_size=8", "optim.lr=5e-3", "optim.warmup_steps=3",
+                                          "optim.schedule=constant"], nproc=1)
     dpo = run_stage("dpo", root / "dpo", [*TINY, f"model_path={root / 'sft' / 'hf'}", f"data.path={dpo_data}",
-                                          "max_steps=3", "global_batch_size=4", "micro_batch_size=4", "optim.lr=1e-4"],
+                                          "max_steps=4", "global_batch_size=4", "micro_batch_size=4", "optim.lr=1e-4",
+                                          "optim.schedule=wsd", "optim.warmup_steps=1", "optim.decay_fraction=0.5"],
                     nproc=1)
     return root, sft.stdout, dpo.stdout
 
@@ -51,7 +53,12 @@ def test_v3_stages_record_the_tokenizer_and_learn(v3_runs):
         assert "export check" in out
     ls = losses(root / "sft")
     assert ls[0] == pytest.approx(10.4, abs=0.3) and ls[-1] < 1.0  # ≈ ln(32768) from scratch; it learns the chats
-    assert len(losses(root / "dpo")) == 3
+    # the rate each step applied: warmup 1, stable, then linear down to the floor at the last step (never below)
+    from train.model_setup import lr_lambda
+
+    cfg = OmegaConf.load(root / "dpo" / "config.yaml")
+    assert losses(root / "dpo", "lr") == pytest.approx([1e-4 * lr_lambda(cfg)(k) for k in range(4)])
+    assert losses(root / "dpo", "lr") == pytest.approx([1e-4, 1e-4, 0.55e-4, 0.1e-4])
 
 
 def test_v3_export_tokenizer_and_template_equal_mistral_common(v3_runs):

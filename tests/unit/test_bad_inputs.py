@@ -87,27 +87,26 @@ def test_prompt_longer_than_max_seq_len_is_cut_and_counted(tmp_path):
     assert all(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) <= 2 * 64 for p in pairs)
 
 
-def test_stage_stops_before_training_with_the_message(tmp_path):
+def test_stage_stops_with_the_message_then_the_corrected_command_trains_in_the_same_folder(tmp_path):
     """Default on_error=raise at the stage level (`python train/sft.py`, a world of one): status 2, the
-    file:line message, no traceback. (Under torchrun the launcher adds its own report of the exit.)"""
-    cmd = [sys.executable, str(REPO / "train" / "sft.py"), "recipe=tiny/sft", f"output_dir={tmp_path / 'run'}",
+    file:line message, no traceback. (Under torchrun the launcher adds its own report of the exit.) What the
+    failed run left (config.yaml, build.log) does not block the corrected command: no overwrite=true needed."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train" / "sft.py"), "recipe=tiny/sft", f"output_dir={out}",
            f"data.path={CORPUS / 'malformed_json.jsonl'}", "max_steps=1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "malformed_json.jsonl:2: malformed JSON" in proc.stderr
     assert "data.on_error=skip" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (out / "metrics.jsonl").exists() and (out / "config.yaml").is_file()
 
-
-def test_stage_skips_a_folder_of_bad_chats_and_trains(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     chats = [m for m in BAD if m["kind"] == "messages" and m["format"] == "auto" and not m.get("direct_only")
              and "max_record_chars" not in m]
     for m in chats:
         shutil.copy(CORPUS / m["file"], data / m["file"])
-    out = tmp_path / "run"
     proc = run_stage("sft", out, ["recipe=tiny/sft", f"data.path={data}", "data.on_error=skip", "max_steps=1",
                                   "global_batch_size=2", "micro_batch_size=1", "export=false"], nproc=1)
     listed = [json.loads(l) for l in (out / "skipped.jsonl").read_text().splitlines()]

@@ -96,8 +96,9 @@ def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     proc = subprocess.run([sys.executable, "train/sft.py", "recipe=tiny/sft", f"output_dir={out}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"config error: output_dir={out} holds an earlier run (metrics.jsonl): resume=true "
-                                   f"continues it, overwrite=true replaces it, or choose another output_dir")
+    assert proc.stderr.strip() == (f"config error: output_dir={out} holds an earlier run (metrics.jsonl): it has no "
+                                   f"checkpoint to resume from (checkpoint_every), so overwrite=true replaces it, or "
+                                   f"choose another output_dir")
     from train.checks import check_output_dir, start_afresh
     from train.config import compose
 
