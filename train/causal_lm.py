@@ -26,6 +26,7 @@ from train.metrics import Metrics, RouterStep, step_values
 from train.model_setup import build_engine, load_model, stage_tokenizer
 from train.rows import training_rows
 from train.runtime import start
+from train.stops import STOPS
 
 
 def train(cfg, kind: str) -> None:
@@ -46,6 +47,7 @@ def train(cfg, kind: str) -> None:
     metrics = Metrics(cfg, run, step, recorder.num_layers, num_experts)
 
     engine.train()
+    STOPS.start_training()  # from here on Ctrl-C / SIGTERM stop between steps, with a checkpoint
     while step < cfg.max_steps:
         lr = engine.get_lr()[0]  # the rate this step applies (logged with it)
         # this rank's rows (its data-parallel group's), and with sequence parallelism its share of their tokens

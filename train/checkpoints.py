@@ -17,6 +17,7 @@ import torch
 
 from train import elastic, faults
 from train.runtime import Run
+from train.stops import STOPS, NAMES, resume_command
 
 
 def checkpoint_dir(run: Run) -> Path:
@@ -68,6 +69,7 @@ def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None)
     if run.main:
         (partial / elastic.LAYOUT_FILE).write_text(json.dumps(elastic.checkpoint_record(engine, cfg, run.world, step)))
     faults.kill_self_if("kill_in_save", step)  # tests: die with the files written but not yet published
+    faults.pause_if("pause_in_save", step, lambda: False, timeout_s=20)  # tests: a second Ctrl-C while saving
     run.barrier()
     if run.main:
         os.replace(partial, final)
@@ -78,6 +80,7 @@ def save_checkpoint(engine, cfg, run: Run, step: int, extra: dict | None = None)
         for old in tags[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     run.barrier()
+    STOPS.saved()
 
 
 def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
@@ -162,11 +165,27 @@ def deepspeed_checkpoint_globals() -> list:
 
 
 def end_of_step(engine, cfg, run: Run, guard: faults.NonFinite, step: int) -> None:
-    """After each optimizer step: stop (with a checkpoint) if too many steps in a row were non-finite, and
-    save a checkpoint every `checkpoint_every` steps (the last one is saved by finish)."""
+    """After each optimizer step: stop (with a checkpoint) if too many steps in a row were non-finite or a rank
+    got Ctrl-C / SIGTERM (train/stops.py), and save a checkpoint every `checkpoint_every` steps and when
+    `checkpoint_minutes` have passed since the last one (the last one is saved by finish)."""
     stop_if_diverged(engine, cfg, run, guard, step)
-    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+    faults.pause_if("pause", step, lambda: STOPS.signum)  # tests: wait here for the signal they send
+    signum, due = STOPS.after_step(cfg.checkpoint_minutes)
+    if signum:
+        stop_interrupted(engine, cfg, run, step, signum)
+    if step < cfg.max_steps and (due or cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
         save_checkpoint(engine, cfg, run, step)
+
+
+def stop_interrupted(engine, cfg, run: Run, step: int, signum: int) -> None:
+    """Every rank: checkpoint this step, then one line with the command that continues, status 128 + signal."""
+    save_checkpoint(engine, cfg, run, step)
+    if run.main:
+        print(f"[{cfg.stage}] stopped by {NAMES.get(signum, signum)} after step {step}/{cfg.max_steps}; checkpoint "
+              f"{checkpoint_dir(run) / f'step_{step}'}; continue with: {resume_command(cfg.stage)}",
+              file=sys.stderr, flush=True)
+    faults.finished()
+    sys.exit(128 + signum)
 
 
 def stop_if_diverged(engine, cfg, run: Run, guard: faults.NonFinite, step: int) -> None:

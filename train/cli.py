@@ -23,6 +23,7 @@ summary of the failure after our line and exits with status 1.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -150,7 +151,8 @@ def _overrides(argv: list[str]) -> list[str] | None:
 
 LAUNCH_FLAGS = {"--nproc_per_node", "--nproc-per-node", "--nnodes", "--node_rank", "--node-rank", "--master_addr",
                 "--master-addr", "--master_port", "--master-port", "--rdzv_backend", "--rdzv-backend", "--rdzv_endpoint",
-                "--rdzv-endpoint", "--rdzv_id", "--rdzv-id", "--max_restarts", "--max-restarts", "--standalone"}
+                "--rdzv-endpoint", "--rdzv_id", "--rdzv-id", "--max_restarts", "--max-restarts", "--standalone",
+                "--signals-to-handle", "--signals_to_handle", "--shutdown-timeout", "--shutdown_timeout"}
 
 
 def _launch_flags(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -175,29 +177,64 @@ def first_failure(failures: dict) -> int:
     return min(failures, key=lambda r: (failures[r].exitcode == -signal.SIGTERM, r))
 
 
-def launch(script: str, flags: list[str], overrides: list[str]) -> None:
+STOPPED = (2, 4, 130, 143)  # statuses whose one line the worker printed itself: a config error, a failed export
+                            # check, a stop on Ctrl-C or SIGTERM (train/stops.py)
+
+
+def _children() -> list[int]:
+    """The pids of this process's children (torchrun's workers: each in a session of its own)."""
+    me, found = str(os.getpid()), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rindex(")") + 2:].split()[1] == me:
+                found.append(int(entry))
+    return found
+
+
+def _forward(signum, frame) -> None:
+    """Ctrl-C reaches only this process (the workers run in sessions of their own): pass it on to them; they
+    finish the step, checkpoint and exit 130 (a second Ctrl-C: at once), train/stops.py."""
+    for pid in _children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def launch(script: str, flags: list[str], overrides: list[str], shutdown_s: int = 300) -> None:
     """Run `script overrides` on torchrun's launcher in this process; exit with the status of the worker that
-    failed first (the lowest rank that was not merely stopped by torchrun's SIGTERM; a config error, status 2,
-    was already printed by the worker: nothing is added)."""
+    failed first (the lowest rank that was not merely stopped by torchrun's SIGTERM). Ctrl-C is passed on to
+    the workers as it comes (torchrun would stop them after 30 s); a SIGTERM is forwarded by torchrun, and the
+    workers get `shutdown_s` to checkpoint before a SIGKILL."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     for name in ("torch.distributed.elastic", "torch.distributed.run"):  # its banners and failure report: ours is below
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    args = get_args_parser().parse_args([*flags, script, *overrides])
+    os.environ["MIXTRAL_TUNE_LAUNCH_FLAGS"] = " ".join(flags)  # the workers' resume command repeats them
+    given = {f.split("=", 1)[0].replace("_", "-") for f in flags}
+    extra = ([] if "--signals-to-handle" in given else ["--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT"]) + \
+            ([] if "--shutdown-timeout" in given else ["--shutdown-timeout", str(shutdown_s)])
+    args = get_args_parser().parse_args([*flags, *extra, script, *overrides])
+    signal.signal(signal.SIGINT, _forward)
     try:
         run(args)
     except ChildFailedError as e:
         rank = first_failure(e.failures)
         failure = e.failures[rank]
         status = failure.exitcode if failure.exitcode > 0 else 1
-        if status not in (2, 4):  # the worker printed its one line (a config error, a failed export check)
+        if status not in STOPPED:
             how = f"status {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"
             print(f"{Path(script).name}: rank {rank} ended with {how}; its messages are above", file=sys.stderr,
                   flush=True)
         sys.exit(status)
+    except SignalException as e:  # SIGTERM (or SIGHUP, SIGQUIT): the workers were given it and have stopped
+        sys.exit(128 + int(e.sigval))
     sys.exit(0)
 
 
@@ -252,7 +289,7 @@ def main(config_name: str, schema, check=None):
                 except ConfigError as e:
                     fail(str(e))
             if flags and "LOCAL_RANK" not in os.environ:
-                launch(sys.argv[0], flags, argv)
+                launch(sys.argv[0], flags, argv, int(getattr(cfg, "dist_timeout_s", 300)) if overrides is not None else 300)
             sys.argv[1:] = argv
             return hydra_main(with_recipe)()
 

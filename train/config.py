@@ -167,7 +167,9 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    checkpoint_every: int = 0         # 0 = only at the end
+    checkpoint_every: int = 0         # steps between checkpoints (0: none by count); with any checkpoint, one at the end
+    checkpoint_minutes: float = 30.0  # also a checkpoint when this long has passed since the last one (0: never);
+                                      # Ctrl-C / SIGTERM always checkpoint before stopping (train/stops.py)
     keep_checkpoints: int = 2
     resume: bool = False
     export: bool = True

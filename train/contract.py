@@ -69,7 +69,15 @@ def _changes(cfg, saved: dict) -> dict:
 
 
 def check_resume(cfg) -> None:
-    """Refuse (ConfigError, one line) a resume that changes a key outside `MAY_CHANGE`."""
+    """Refuse (ConfigError, one line) a resume that changes a key outside `MAY_CHANGE`, or that has no checkpoint
+    to continue from in a folder where a run took steps."""
+    from train.checks import earlier_work
+
+    out = os.path.expanduser(cfg.output_dir)
+    if cfg.resume and os.path.isdir(out) and earlier_work(out) and "checkpoints" not in earlier_work(out):
+        raise ConfigError(f"resume=true: output_dir={cfg.output_dir} holds a run ({', '.join(earlier_work(out))}) but "
+                          f"no checkpoint to continue from (it stopped before checkpoint_every or checkpoint_minutes "
+                          f"saved one); overwrite=true starts it afresh")
     found = _saved(cfg)
     if found is None:
         return

@@ -36,6 +36,7 @@ from train.metrics import Metrics, RouterStep, step_values
 from train.model_setup import build_engine, load_model, stage_tokenizer
 from train.rows import training_rows
 from train.runtime import start
+from train.stops import STOPS
 from train.checks import stage_checks
 from train.config import DPOStageConfig
 
@@ -69,6 +70,7 @@ def main(cfg) -> None:
     beta, ipo = cfg.dpo.beta, cfg.dpo.loss_type == "ipo"
 
     engine.train()
+    STOPS.start_training()  # from here on Ctrl-C / SIGTERM stop between steps, with a checkpoint
     while step < cfg.max_steps:
         lr = engine.get_lr()[0]  # the rate this step applies (logged with it)
         index = batches.micro_batches(step, run.dp_rank, run.dp, cfg.micro_batch_size)

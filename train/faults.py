@@ -55,6 +55,15 @@ def swap_two_experts(folder) -> None:
             return
 
 
+def pause_if(point: str, step: int, until, timeout_s: float = 120.0) -> None:
+    """`pause@N`: wait after step N until `until()` is true (a test sends its signal meanwhile) or the timeout."""
+    if inject(point, step):
+        print(f"[fault injection] pausing after step {step}", file=sys.stderr, flush=True)
+        end = time.monotonic() + timeout_s
+        while not until() and time.monotonic() < end:
+            time.sleep(0.05)
+
+
 def kill_self_if(point: str, step: int) -> None:
     if inject(point, step):
         print(f"[fault injection] SIGKILL at {point}@{step}", file=sys.stderr, flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from train import console, faults
-from train.checkpoints import save_checkpoint
+from train.checkpoints import checkpoint_dir, complete_checkpoints, save_checkpoint
 from train.runtime import Run
 
 
@@ -19,7 +19,8 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
     merged weights), and the check that the export's logits equal the live model's."""
     if "first_step" in run.memory.phases:
         run.memory.end("later_steps")  # the steady state: the optimizer's states exist from the first step on
-    if cfg.checkpoint_every:
+    kept = cfg.checkpoint_every or bool(complete_checkpoints(checkpoint_dir(run)))
+    if kept:  # the end too, where this run keeps checkpoints (by count, by time, or the one it resumed from)
         save_checkpoint(engine, cfg, run, step)
     if cfg.export:
         run.memory.begin()
@@ -93,7 +94,7 @@ def _export_check_failed(cfg, run: Run, evidence: str) -> None:
             "These weights are the trained model's, but their logits did not match the live model's:\n"
             f"{evidence}\nDo not publish them as they are; please report this with the run's config.yaml.\n")
         print(f"[{cfg.stage}] export check failed: {evidence}; the export is kept in {failed} (not hf/)"
-              + (f", the trained state in {run.out / 'checkpoints'}" if cfg.checkpoint_every else ""),
+              + (f", the trained state in {run.out / 'checkpoints'}" if complete_checkpoints(checkpoint_dir(run)) else ""),
               file=sys.stderr, flush=True)
     run.barrier()
     faults.finished()

@@ -25,6 +25,7 @@ from train.checks import check_output_dir, start_afresh, validate
 from train.contract import check_resume, resume_history
 from train.config import ConfigError
 from train.memory_log import PhaseMemory
+from train.stops import STOPS
 
 
 @dataclass
@@ -113,6 +114,7 @@ def start(cfg) -> Run:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), verbose=False)
     rank = dist.get_rank()
+    STOPS.install(cfg.stage)  # Ctrl-C / SIGTERM: stop between steps with a checkpoint (train/stops.py)
     faults.WATCHDOG[0] = faults.Watchdog(rank, world, cfg.dist_timeout_s, cfg.stage)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -130,6 +132,7 @@ def start(cfg) -> Run:
                                              + (yaml.safe_dump({"resumes": history}, sort_keys=False) if history else ""))
         run.resumes = history
     run.barrier()
+    faults.pause_if("pause", 0, lambda: STOPS.signum)  # tests: a Ctrl-C before the first step
     run.memory = PhaseMemory(run, cfg.stage)
     run.print(f"[{cfg.stage}] {world} rank(s) on {device.type}, {run.dtype}, ZeRO-{zero_stage(cfg.deepspeed)}, "
               f"expert_parallel_size={cfg.expert_parallel_size}"

@@ -250,3 +250,75 @@ def test_resume_refuses_a_layout_change_it_cannot_continue_exactly(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "written with global_batch_size=16, this run has 8" in lines[0], lines
+
+
+def _interrupt_at(launcher: list[str], out, args: list[str], step: int):
+    """Start a run with `launcher`, press Ctrl-C (SIGINT to its process group, as a terminal does) while it waits
+    after `step` (fault `pause@step`); returns the finished process and its (stdout, stderr)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MIXTRAL_TUNE_FAULTS": f"pause@{step}"}
+    proc = subprocess.Popen([*launcher, f"output_dir={out}", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_step(proc, out, step)
+    os.killpg(proc.pid, signal.SIGINT)
+    return proc, proc.communicate(timeout=300)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_checkpoints_and_the_printed_command_continues_exactly(nproc, uninterrupted, tmp_path):
+    """Ctrl-C on 1 rank (`python train/sft.py`) or 2 (`python train/sft.py --nproc_per_node 2`), with no
+    checkpoint_every: every rank finishes its step, a checkpoint is written, status 130, one line with the
+    command that continues; that command, as printed, finishes the run with the uninterrupted run's losses."""
+    import shlex
+
+    if nproc == 2:
+        args = [a for a in STAGES["sft"] if not a.startswith("checkpoint_every=")]
+        full = [m["loss"] for m in uninterrupted("sft")]
+    else:
+        args = ["recipe=tiny/sft", "max_steps=6", "deepspeed=zero0", "data.synthetic_samples=64", "max_seq_len=64",
+                "global_batch_size=4", "micro_batch_size=2", "verify_export=false"]
+        run_stage("sft", tmp_path / "full", args, nproc=1)
+        full = losses(tmp_path / "full")
+    launcher = [sys.executable, "train/sft.py", *(["--nproc_per_node", "2"] if nproc == 2 else [])]
+    out = tmp_path / "run"
+    proc, (stdout, stderr) = _interrupt_at(launcher, out, args, 3)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    stops = [l for l in stderr.splitlines() if "continue with:" in l]
+    assert len(stops) == 1 and stops[0].startswith("[sft] stopped by Ctrl-C (SIGINT) after step 3/"), stderr[-2000:]
+    assert (out / "checkpoints" / "step_3").is_dir()
+    command = shlex.split(stops[0].split("continue with: ", 1)[1])
+    assert command[:2] == ["python", "train/sft.py"] and command[-1] == "resume=true"
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    assert losses(out) == full
+
+
+def test_ctrl_c_before_the_first_step_and_a_second_ctrl_c(tmp_path):
+    """Before the first step there is nothing to save: one line, status 130. A second Ctrl-C while the first is
+    being honoured (here: during the pause) ends the process at once."""
+    from train.stops import REPEAT_S
+
+    args = ["recipe=tiny/sft", "max_steps=4", "deepspeed=zero0", "data.synthetic_samples=32", "max_seq_len=64",
+            "global_batch_size=2", "micro_batch_size=2", "export=false"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MIXTRAL_TUNE_FAULTS": "pause@0"}
+    proc = subprocess.Popen([sys.executable, "train/sft.py", f"output_dir={tmp_path / 'early'}", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "early" / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "before the first step: nothing to save" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
+    # a second Ctrl-C, REPEAT_S after the first: no checkpoint, no waiting for the step
+    env["MIXTRAL_TUNE_FAULTS"] = "pause@2,pause_in_save@2"
+    proc = subprocess.Popen([sys.executable, "train/sft.py", f"output_dir={tmp_path / 'twice'}", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_step(proc, tmp_path / "twice", 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(REPEAT_S + 0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "continue with:" not in stderr, stderr[-2000:]
+    assert not (tmp_path / "twice" / "checkpoints" / "step_2").exists()
