@@ -187,6 +187,10 @@ def read_records(path: str, *, split: str = "train", name: str | None = None, te
         raise RecordError(path, "missing", "no such file or folder")
     import datasets  # a Hub dataset: needs internet (or a populated HF cache)
 
+    from data.hub import check_dataset
+
+    check_dataset(path)
+
     ds = datasets.load_dataset(path, name, split=split)
     if len(ds) == 0:
         raise RecordError(f"hub:{path}", "empty dataset", f"split {split!r} has no rows")

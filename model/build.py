@@ -50,9 +50,9 @@ def model_folder(model_path: str | Path) -> Path:
     tokenizer files only; downloaded once into the Hugging Face cache)."""
     if Path(model_path).expanduser().is_dir():
         return Path(model_path).expanduser()
-    from huggingface_hub import snapshot_download
+    from data.hub import model_snapshot
 
-    return Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    return model_snapshot(str(model_path), ["*.json", "*.safetensors", "tokenizer.model"])
 
 
 def model_config(preset: Mapping, model_path: str | Path | None = None) -> MixtralConfig:
@@ -64,9 +64,9 @@ def model_config(preset: Mapping, model_path: str | Path | None = None) -> Mixtr
     if folder.is_dir():
         path = folder / "config.json"
     else:
-        from huggingface_hub import hf_hub_download
+        from data.hub import model_file
 
-        path = Path(hf_hub_download(str(model_path), "config.json"))
+        path = model_file(str(model_path), "config.json")
     import json
 
     model_type = json.loads(path.read_text()).get("model_type")

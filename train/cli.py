@@ -268,11 +268,16 @@ def main(config_name: str, schema, check=None):
             recipe = next((o.split("=", 1)[1] for o in sys.argv[1:] if o.split("=", 1)[0].lstrip("+~") == "recipe"), None)
             if "recipe_name" in cfg:
                 cfg.recipe_name = recipe
+            from data.hub import HubUnreachable
+
             try:
                 result = fn(cfg)
             except SystemExit:  # a deliberate stop (status 3 after non-finite steps): every rank is at the same point
                 _end_distributed()
                 raise
+            except (ConfigError, HubUnreachable) as e:  # found once the run has started (every rank finds it)
+                _end_distributed()
+                fail(str(e))
             _end_distributed()
             return result
 

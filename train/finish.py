@@ -107,6 +107,10 @@ def push_to_hub(folder: Path, repo_id: str, private: bool, run: Run, stage: str)
     try:
         from huggingface_hub import HfApi
 
+        from data.hub import online, why_offline
+
+        if not online():  # seconds, not a minute of retries
+            raise ConnectionError(why_offline())
         api = HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
         url = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"mixtral-tune {stage} export")
@@ -114,4 +118,4 @@ def push_to_hub(folder: Path, repo_id: str, private: bool, run: Run, stage: str)
     except Exception as e:  # noqa: BLE001 - any reason, one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         run.print(f"[{stage}] hub: could not push {folder} to {repo_id} ({type(e).__name__}: {reason[:200]}); "
-                  f"the export is complete on disk: retry with `huggingface-cli upload {repo_id} {folder}`")
+                  f"the export is complete on disk: retry with `hf upload {repo_id} {folder}` (after `hf auth login`)")

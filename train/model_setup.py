@@ -23,15 +23,27 @@ from train.runtime import Run
 
 def stage_tokenizer(cfg, run: Run | None = None):
     """The run's tokenizer: model_path's own tokenizer.model, else `model.tokenizer`, else v1
-    (data/tokenizer.py); its version goes to the log and `config.yaml` (`tokenizer_version`)."""
-    from data.tokenizer import load_tokenizer
+    (data/tokenizer.py); its version goes to the log and `config.yaml` (`tokenizer_used`). For a hub name only
+    tokenizer.model and config.json are fetched here (data/hub.py: from the cache when the Hub cannot be reached)."""
+    from pathlib import Path
 
+    from data.hub import HubUnreachable, model_file
+    from data.tokenizer import TOKENIZER_FILE, load_tokenizer
     from model.build import model_config
     from train.config import ConfigError
 
-    folder = model_folder(cfg.model_path) if cfg.model_path else None
+    folder = None
+    if cfg.model_path and Path(cfg.model_path).expanduser().is_dir():
+        folder = Path(cfg.model_path).expanduser()
+    elif cfg.model_path:
+        try:
+            folder = model_file(cfg.model_path, TOKENIZER_FILE).parent
+        except HubUnreachable:
+            raise
+        except Exception:  # noqa: BLE001 - the repository has no tokenizer.model: model.tokenizer, else v1
+            folder = None
     tokenizer = load_tokenizer(folder, cfg.model.tokenizer)
-    vocab = model_config(cfg.model, folder).vocab_size
+    vocab = model_config(cfg.model, cfg.model_path).vocab_size
     if tokenizer.vocab_size > vocab:  # ids past the embedding: one line naming the key, before any weights load
         raise ConfigError(f"model.vocab_size={vocab} but the {tokenizer.version} tokenizer ({tokenizer.path.name}) "
                           f"has {tokenizer.vocab_size} pieces: use a preset with vocab_size ≥ {tokenizer.vocab_size} "

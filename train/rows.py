@@ -8,6 +8,7 @@ import sys
 import torch.distributed as dist
 
 from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, tokenize
+from data.hub import HubUnreachable
 from data.readers import RecordError
 from train import faults
 from train.runtime import Run
@@ -24,6 +25,8 @@ def training_rows(cfg, kind: str, tokenizer, run: Run):
             try:
                 records = load_canonical(cfg.data, kind, cfg.seed, skipped_path=run.out / "skipped.jsonl", report=report,
                                          version=tokenizer.version)
+            except HubUnreachable as e:  # a hub dataset name with no network and no cached copy
+                error = f"data error: {e}"
             except RecordError as e:  # named by file and line; stop every rank before any heavy work
                 error = f"data error: {e}\n  (data.on_error=skip skips bad records, counts them and lists them in " \
                         f"{run.out / 'skipped.jsonl'})" if cfg.data.on_error == "raise" else f"data error: {e}"

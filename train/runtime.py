@@ -17,6 +17,7 @@ import yaml
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from data.hub import HubUnreachable
 from model import sequence_parallel
 from model.build import resolve_dtype
 from model.distributed import accumulation_steps, batch_arithmetic, zero_stage
@@ -93,7 +94,7 @@ def start(cfg) -> Run:
         check_resume(cfg)
         model_cfg = preflight.model_config_of(cfg)
         holds = preflight.check(cfg, world, preflight.local_world_size(), resolve_dtype(cfg.precision), model_cfg)
-    except ConfigError as e:
+    except (ConfigError, HubUnreachable) as e:  # one line, before anything loads
         if os.environ.get("RANK", "0") == "0":
             print(f"config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -73,6 +73,7 @@ def test_v3_export_tokenizer_and_template_equal_mistral_common(v3_runs):
     fast, tok = AutoTokenizer.from_pretrained(hf), load_tokenizer(hf)
     assert tok.version == "v3" and fast.convert_tokens_to_ids(["[INST]", "[/INST]", "[TOOL_CALLS]"]) == [3, 4, 5]
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 32768
+    assert "Mistral's v3 format" in (hf / "README.md").read_text()  # the model card names the prompt format
     rng = random.Random(3)
     chats = [(_chat(i, c, 0), TOOLS) for i, c in enumerate(CITIES)]
     chats += [chat(rng, tools=True, canonical=True, texts=PLAIN_TEXTS) for _ in range(40)]

@@ -24,7 +24,7 @@ def test_card_carries_the_stages_of_its_base(tmp_path):
     assert meta["base_model"] == "mistralai/Mixtral-8x7B-v0.1" and meta["license"] == "apache-2.0"
     assert meta["datasets"] == ["chats.jsonl"]
     assert meta["mixtral_tune_stages"] == [{"stage": "sft", "data": "chats.jsonl", "records": 400, "rows": 41,
-                                            "tokens": 10147, "steps": 7, "lora": False, "recipe": "mixtral_8x7b/sft",
+                                            "tokens": 10147, "steps": 7, "lora": False, "recipe": "mixtral_8x7b/sft", "tokenizer": "v1",
                                             "final": {"loss": 1.25, "ce": 1.2, "aux": 1.0}}]
     assert "46.7 B parameters" in card and "fine-tuned from `mistralai/Mixtral-8x7B-v0.1`" in card
 
@@ -50,6 +50,7 @@ def test_hub_push_without_network_is_one_line(tmp_path):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     from helpers import REPO
 
@@ -64,3 +65,6 @@ def test_hub_push_without_network_is_one_line(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"[sft] hub: could not push {tmp_path / 'hf'} to someone/mixtral-test")
     assert "the export is complete on disk" in lines[0]
+    # the hint is a command of the installed huggingface_hub (its old `huggingface-cli` no longer works)
+    assert f"`hf upload someone/mixtral-test {tmp_path / 'hf'}`" in lines[0]
+    assert (Path(sys.executable).parent / "hf").is_file()
