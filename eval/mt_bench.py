@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -109,30 +110,67 @@ def generate_answers(model, tokenizer, questions: list[dict], model_id: str, ans
 
 # ----------------------------------------------------------------------------- judge
 
-def chat_completion(base_url: str, model: str, messages: list[dict], max_tokens: int, temperature: float,
-                    api_key: str | None, retries: int = 5, timeout: float = 120.0) -> str:
-    """POST {base_url}/chat/completions (OpenAI schema) with exponential backoff; returns the content."""
-    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens,
-                       "temperature": temperature, "n": 1}).encode()
+class JudgeError(RuntimeError):
+    """The judge endpoint cannot judge: unreachable, refusing, or no request fits its context (one line)."""
+
+
+def _post(base_url: str, body: dict, api_key: str | None, timeout: float) -> dict:
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    delay, last = 1.0, None
-    for attempt in range(retries + 1):
+    req = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+                                 headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _too_long(code: int, text: str) -> bool:
+    """A 400 that says prompt + max_tokens exceed the judge's context (this project's server and OpenAI:
+    code context_length_exceeded; vLLM: "maximum context length")."""
+    return code == 400 and ("context_length_exceeded" in text or "maximum context length" in text)
+
+
+def chat_completion(base_url: str, model: str, messages: list[dict], max_tokens: int, temperature: float,
+                    api_key: str | None, retries: int = 5, timeout: float = 120.0) -> str:
+    """POST {base_url}/chat/completions (OpenAI schema); returns the content. Server errors and timeouts are
+    retried with exponential backoff; a request too long for the judge's context is retried asking for half as
+    many tokens (down to 16); any other client error, or the last failure, is a JudgeError (one line)."""
+    delay, last, attempt = 1.0, None, 0
+    while True:
         try:
-            req = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data=body, headers=headers)
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())["choices"][0]["message"]["content"]
+            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "n": 1}
+            return _post(base_url, body, api_key, timeout)["choices"][0]["message"]["content"]
         except urllib.error.HTTPError as e:
-            last = f"HTTP {e.code}: {e.read()[:300]!r}"
+            text = e.read()[:300].decode(errors="replace")
+            last = f"HTTP {e.code}: {text}"
+            if _too_long(e.code, text) and max_tokens > 16:
+                max_tokens = max(16, max_tokens // 2)  # ask for what fits (not an attempt)
+                continue
             if e.code < 500 and e.code != 429:
                 break  # a client error will not fix itself
         except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, json.JSONDecodeError) as e:
-            last = f"{type(e).__name__}: {e}"
-        if attempt < retries:
-            time.sleep(delay)
-            delay = min(delay * 2, 60.0)
-    raise RuntimeError(f"judge endpoint {base_url} failed after {retries + 1} attempts: {last}")
+            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        attempt += 1
+        if attempt > retries:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 60.0)
+    raise JudgeError(f"judge endpoint {base_url} failed: {last}")
+
+
+def judge_context(base_url: str, model: str, api_key: str | None, timeout: float = 10.0) -> int | None:
+    """The judge model's context in tokens when its endpoint says (`max_model_len` in GET /models: this project's
+    server, vLLM); None when it does not. An endpoint that does not answer at all is a JudgeError."""
+    req = urllib.request.Request(base_url.rstrip("/") + "/models",
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            listed = json.loads(resp.read()).get("data", [])
+    except urllib.error.HTTPError:
+        return None  # it answers, but not this (some endpoints list no models)
+    except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+        raise JudgeError(f"judge endpoint {base_url} cannot be reached ({getattr(e, 'reason', e)})") from None
+    return next((int(m["max_model_len"]) for m in listed if m.get("id") == model and m.get("max_model_len")), None)
 
 
 def parse_rating(judgment: str) -> float:
@@ -164,6 +202,12 @@ def judge_answers(questions: list[dict], answers: list[dict], model_id: str, jud
     from train.console import progress as progress_lines
 
     api_key = os.environ.get(judge_cfg.api_key_env) if judge_cfg.api_key_env else None
+    max_tokens = judge_cfg.max_tokens
+    context = judge_context(judge_cfg.base_url, judge_cfg.model, api_key)
+    if context is not None and max_tokens > context // 4:  # leave the judge prompt room (up to 3/4 of the context)
+        max_tokens = max(16, context // 4)
+        print(f"judge: {judge_cfg.model} has a context of {context} tokens: asking for at most {max_tokens} tokens "
+              f"per judgment (judge.max_tokens={judge_cfg.max_tokens} would not leave the prompt room)", flush=True)
     done = {(j["question_id"], j["turn"]) for j in read_jsonl(judgment_file) if j["model"] == model_id}
     by_q = {a["question_id"]: a["choices"][0]["turns"] for a in answers}
     jobs = [(q, t) for q in questions if q["question_id"] in by_q for t in (1, 2)
@@ -174,7 +218,7 @@ def judge_answers(questions: list[dict], answers: list[dict], model_id: str, jud
         name, entry, user = judge_prompt(q, by_q[q["question_id"]], turn, prompts, refs)
         messages = ([{"role": "system", "content": entry["system_prompt"]}] if entry.get("system_prompt") else [])
         messages.append({"role": "user", "content": user})
-        judgment = chat_completion(judge_cfg.base_url, judge_cfg.model, messages, judge_cfg.max_tokens,
+        judgment = chat_completion(judge_cfg.base_url, judge_cfg.model, messages, max_tokens,
                                    judge_cfg.temperature, api_key, judge_cfg.retries, judge_cfg.timeout_s)
         return {"question_id": q["question_id"], "model": model_id, "judge": [judge_cfg.model, name],
                 "user_prompt": user, "judgment": judgment, "score": parse_rating(judgment), "turn": turn,
@@ -260,7 +304,12 @@ def run(cfg, model=None, tokenizer=None, progress: bool = True) -> dict:
 
 @cli.main("mt_bench", MTBenchConfig, validate_eval)
 def main(cfg) -> None:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except JudgeError as e:  # the answers (and every judgment made) are on disk; a rerun judges the rest
+        print(f"mt_bench: {e}; the answers are kept in {cfg.output_dir}/model_answer/{cfg.model_id}.jsonl and a rerun "
+              f"judges what is left", file=sys.stderr, flush=True)
+        sys.exit(2)
     print(f"answers: {summary['answers']} in {cfg.output_dir}/model_answer/{cfg.model_id}.jsonl")
     if "table" in summary:
         print(summary["table"])

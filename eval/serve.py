@@ -4,7 +4,8 @@
 
 Endpoints, in OpenAI's wire format (tests use the official `openai` client):
 
-    GET  /v1/models             the one model, named `model_id` (default: the run's name, e.g. "sft" for outputs/sft/hf)
+    GET  /v1/models             the one model, named `model_id` (default: the run's name, e.g. "sft" for outputs/sft/hf),
+                                with its context in tokens (`max_model_len`, as vLLM reports it)
     POST /v1/chat/completions   messages → prompt as mistral_common encodes it (data/chat.py, v1 or v3 by the
                                 folder's tokenizer); "stream": true sends server-sent events. A v3 model takes
                                 `tools` (and assistant `tool_calls`, `tool` messages): an answer that starts with
@@ -171,7 +172,7 @@ def build_app(gen: Generator):
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": gen.model_id, "object": "model", "created": 0,
-                                             "owned_by": "mixtral-tune"}]}
+                                             "owned_by": "mixtral-tune", "max_model_len": gen.context}]}
 
     async def body_of(request: Request):
         size = request.headers.get("content-length")

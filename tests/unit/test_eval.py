@@ -234,3 +234,43 @@ def test_preference_eval_scores_each_answer_on_its_own(tiny, tmp_path):
     got = preference_eval(policy, ref, tok, pairs, beta, batch_size=4)
     assert got["reward_margin"] == pytest.approx(sum(want) / len(want), abs=1e-4)
     assert got["reward_accuracy"] == sum(w > 0 for w in want) / len(want)
+
+
+def test_the_judge_fits_the_projects_server_with_default_settings(tiny, shared_data, tmp_path, capsys):
+    """judge.max_tokens at its default (2048) against a served model whose whole context is 1024 tokens: the judge
+    reads the context from GET /models and asks for what leaves the prompt room, and every judgment is made."""
+    from eval.serve import start_server
+
+    model, tok = tiny
+    judge, judge_tok = load(_save_tiny(tmp_path / "judge", seed=2, max_position_embeddings=1024))
+    httpd = start_server(judge, judge_tok, "small-judge", "127.0.0.1", 0)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(MTBenchConfig), {
+            "model_path": "tiny", "model_id": "tiny-model", "output_dir": str(tmp_path / "out"), "limit": 2,
+            "questions": str(shared_data / "mt_bench" / "question.jsonl"), "max_new_tokens": 4,
+            "judge": {"base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1", "model": "small-judge"}})
+        assert cfg.judge.max_tokens == 2048  # the default
+        summary = mt_bench.run(cfg, model, tok, progress=False)
+    finally:
+        httpd.shutdown()
+    assert summary["judged"] == 4
+    assert "small-judge has a context of 1024 tokens: asking for at most 256 tokens" in capsys.readouterr().out
+
+
+def test_an_unreachable_judge_is_one_line_and_the_answers_are_kept(tmp_path, shared_data):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    folder = _save_tiny(tmp_path / "model")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "eval/mt_bench.py", f"model_path={folder}", "model_id=m", f"output_dir={out}",
+                           f"questions={shared_data / 'mt_bench' / 'question.jsonl'}", "limit=1", "max_new_tokens=2",
+                           "judge.base_url=http://127.0.0.1:9/v1"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "judge endpoint http://127.0.0.1:9/v1 cannot be reached" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(mt_bench.read_jsonl(out / "model_answer" / "m.jsonl")) == 1
