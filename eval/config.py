@@ -13,73 +13,74 @@ from omegaconf import MISSING
 
 @dataclass
 class PasskeyConfig:
-    model_path: str = MISSING
-    output_dir: str = "outputs/passkey"
+    model_path: str = MISSING         # an HF folder (a stage's hf/) or hub name
+    output_dir: str = "outputs/passkey"  # passkey.json, .png, .md
     lengths: Optional[list[int]] = None     # context lengths in tokens; default: powers of 2 up to max positions
+    # where the key sits (0: start, 1: end)
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    trials: int = 5
+    trials: int = 5                   # keys per (length, depth) cell
     mode: str = "completion"                # completion (base models) | chat ([INST], chat models)
-    seed: int = 0
-    batch_size: int = 8
-    max_new_tokens: int = 10
-    dtype: str = "auto"
+    seed: int = 0                     # the keys drawn
+    batch_size: int = 8               # prompts per forward pass
+    max_new_tokens: int = 10          # answer length
+    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
 
 
 @dataclass
 class JudgeConfig:
     base_url: Optional[str] = None          # OpenAI-compatible endpoint, e.g. https://api.openai.com/v1
-    model: str = "gpt-4"
+    model: str = "gpt-4"              # judge model name
     api_key_env: str = "OPENAI_API_KEY"     # name of the environment variable holding the key
-    max_tokens: int = 2048
-    temperature: float = 0.0
-    retries: int = 5
-    timeout_s: float = 120.0
-    concurrency: int = 4
+    max_tokens: int = 2048            # judgment length (lowered to fit a judge that reports its context)
+    temperature: float = 0.0          # judge sampling temperature
+    retries: int = 5                  # retries of a failed request (server errors, timeouts)
+    timeout_s: float = 120.0          # per request
+    concurrency: int = 4              # requests in flight
 
 
 @dataclass
 class MTBenchConfig:
-    model_path: str = MISSING
-    model_id: str = MISSING
-    output_dir: str = "outputs/mt_bench"
+    model_path: str = MISSING         # an HF folder (a stage's hf/) or hub name
+    model_id: str = MISSING           # the answers' model name (file model_answer/<model_id>.jsonl)
+    output_dir: str = "outputs/mt_bench"  # model_answer/, model_judgment/, scores
     questions: str = "question.jsonl"       # FastChat question file (../shared/data/mt_bench/question.jsonl)
     judge_prompts: Optional[str] = None     # default: judge_prompts.jsonl beside `questions`
     reference_answers: Optional[str] = None  # default: reference_answer/gpt-4.jsonl beside `questions`
-    max_new_tokens: int = 1024
-    batch_size: int = 8
+    max_new_tokens: int = 1024        # answer length per turn
+    batch_size: int = 8               # prompts per forward pass
     limit: Optional[int] = None             # first N questions (smoke runs)
-    seed: int = 0
-    dtype: str = "auto"
+    seed: int = 0                     # sampling seed
+    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
 class ServeConfig:
-    model_path: str = MISSING
+    model_path: str = MISSING         # an HF folder (a stage's hf/) or hub name
     model_id: Optional[str] = None          # name reported by /v1/models (default: folder name)
     host: str = "127.0.0.1"                 # loopback unless told otherwise
-    port: int = 8000
-    max_new_tokens: int = 512
-    dtype: str = "auto"
+    port: int = 8000                  # TCP port (0: any free one)
+    max_new_tokens: int = 512         # answer length when a request gives no max_tokens
+    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
 
 
 @dataclass
 class RoutingConfig:
-    model_path: str = MISSING
-    output_dir: str = "outputs/routing"
+    model_path: str = MISSING         # an HF folder (a stage's hf/) or hub name
+    output_dir: str = "outputs/routing"  # routing.json, heatmaps
     data: dict[str, str] = field(default_factory=dict)  # subset name → text file/jsonl; empty: built-in subsets
     max_tokens: int = 4096                  # per subset
-    seq_len: int = 512
-    dtype: str = "auto"
+    seq_len: int = 512                # tokens per forward pass
+    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
 
 
 @dataclass
 class ChatConfig:
-    model_path: str = MISSING
-    system: Optional[str] = None
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    dtype: str = "auto"
+    model_path: str = MISSING         # an HF folder (a stage's hf/) or hub name
+    system: Optional[str] = None      # system prompt
+    max_new_tokens: int = 512         # answer length
+    temperature: float = 0.7          # sampling temperature (0: greedy)
+    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
 
 
 cs = ConfigStore.instance()

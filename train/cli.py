@@ -283,8 +283,19 @@ def main(config_name: str, schema, check=None):
 
         @functools.wraps(fn)
         def run():
+            from train import usage
+
             console.setup()
             flags, argv = _launch_flags(sys.argv[1:])
+            training = config_name in ("pretrain", "sft", "dpo")
+            if "--help" in argv or "-h" in argv:
+                print(usage.help_text(f"{Path(sys.argv[0]).parent.name}/{Path(sys.argv[0]).name}", config_name, schema,
+                                      [r for r in recipes() if recipe_stage(r) == config_name] if training else [],
+                                      training))
+                sys.exit(0)
+            hint = usage.not_key_value(argv, _schema_keys(schema)[0])
+            if hint is not None:
+                fail(hint)
             overrides = _overrides(argv)
             if overrides is not None:
                 try:

@@ -26,53 +26,53 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """Mixtral architecture with Hugging Face's key names, plus how to build it."""
-    name: str = MISSING
+    name: str = MISSING               # preset name (configs/model/<name>.yaml)
     # The tokenizer when model_path has no tokenizer.model of its own: a file, or the name of one shipped in
     # mistral-common (v1 "tokenizer.model.v1", v3 "mistral_instruct_tokenizer_240323.model.v3"); null: v1.
     # Its version (v1 / v3 chats) is read from the file (data/tokenizer.py).
-    tokenizer: Optional[str] = None
-    vocab_size: int = 32000
-    hidden_size: int = MISSING
-    intermediate_size: int = MISSING
-    num_hidden_layers: int = MISSING
-    num_attention_heads: int = MISSING
-    num_key_value_heads: int = MISSING
-    head_dim: Optional[int] = None
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
-    max_position_embeddings: int = 32768
-    rope_theta: float = 1e6
+    tokenizer: Optional[str] = None   # tokenizer file when model_path has none (null: v1)
+    vocab_size: int = 32000           # embedding rows; at least the tokenizer's pieces (v1 32000, v3 32768)
+    hidden_size: int = MISSING        # model width
+    intermediate_size: int = MISSING  # each expert's FFN width
+    num_hidden_layers: int = MISSING  # decoder layers
+    num_attention_heads: int = MISSING  # query heads
+    num_key_value_heads: int = MISSING  # key/value heads (grouped-query attention)
+    head_dim: Optional[int] = None    # null: hidden_size / num_attention_heads
+    num_local_experts: int = 8        # experts per MoE layer (Mixtral: 8)
+    num_experts_per_tok: int = 2      # experts routed per token (Mixtral: 2)
+    max_position_embeddings: int = 32768  # context length the model is built for
+    rope_theta: float = 1e6           # rotary base
     # Context extension (continued pretraining at a longer length): replace the architecture's values, a
     # model_path's config.json included (the preset's own keys above apply only without model_path).
-    rope_theta_override: Optional[float] = None
-    max_position_embeddings_override: Optional[int] = None
-    rms_norm_eps: float = 1e-5
-    sliding_window: Optional[int] = None
-    router_jitter_noise: float = 0.0
-    router_aux_loss_coef: float = 0.02
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    hidden_act: str = "silu"
-    bos_token_id: int = 1
-    eos_token_id: int = 2
+    rope_theta_override: Optional[float] = None  # context extension: the new rotary base
+    max_position_embeddings_override: Optional[int] = None  # context extension: the new context length
+    rms_norm_eps: float = 1e-5        # RMSNorm epsilon
+    sliding_window: Optional[int] = None  # null: full attention
+    router_jitter_noise: float = 0.0  # multiplicative noise on router inputs in training (0: none)
+    router_aux_loss_coef: float = 0.02  # HF config value, saved in exports; training uses router.aux_loss_coef
+    tie_word_embeddings: bool = False  # share the embedding and LM head
+    initializer_range: float = 0.02   # std of the random init (presets trained from scratch)
+    hidden_act: str = "silu"          # expert activation
+    bos_token_id: int = 1             # <s>
+    eos_token_id: int = 2             # </s>
     attn_implementation: str = "packed_sdpa"  # packed_sdpa (model/attention.py) | sdpa | eager | flash_attention_2 | flex_attention
     experts_implementation: str = "sorted_grouped_mm"  # sorted_grouped_mm (model/experts.py) | grouped_mm | batched_mm | eager
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer in backward (less memory, ~30% more compute)
     tiled_mlp_tokens: int = 0         # > 0: MoE experts run in tiles of this many tokens (model/tiled_moe.py)
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"               # adamw | sgd (plain SGD: debugging, gradient-scale checks)
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = 3e-4                  # peak learning rate
+    weight_decay: float = 0.0         # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8                 # AdamW epsilon
+    warmup_steps: int = 0             # linear warmup from lr/warmup_steps (train/model_setup.py lr_lambda)
     schedule: str = "cosine"          # cosine | linear | constant | wsd (constant, then linear over decay_fraction)
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1         # the schedules' floor, as a fraction of lr
     decay_fraction: float = 0.2       # wsd: the last part of the steps (after warmup) that decays to min_lr_ratio
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0            # global gradient-norm clip (0: off)
 
 
 @dataclass
@@ -86,30 +86,30 @@ class RouterConfig:
 class DataConfig:
     path: str = "synthetic"           # file, folder, hub dataset name, or "synthetic" (project-generated)
     format: str = "auto"              # auto|text|messages|alpaca|sharegpt|preference|hh_rlhf
-    split: str = "train"
+    split: str = "train"              # hub dataset split
     name: Optional[str] = None        # hub dataset config name
-    text_field: str = "text"
-    packing: bool = True
+    text_field: str = "text"          # the field holding pretraining text
+    packing: bool = True              # several examples per row (position ids restart per example)
     overlong: str = "truncate"        # truncate | drop
     on_error: str = "raise"           # raise | skip
     dedup: bool = True                # drop exact duplicate records (counted, listed in skipped.jsonl)
     max_record_chars: int = 1_000_000 # a longer line/record is an error (a broken export, not a sample)
-    max_samples: Optional[int] = None
-    synthetic_samples: int = 2000
-    synthetic_passkey_share: float = 0.1  # share of synthetic pretraining documents that are passkey documents,
-    synthetic_passkey_filler: int = 3     # holding 0..this many filler units (data/synthetic.py: pretrain_texts)
-    num_proc: int = 1
+    max_samples: Optional[int] = None  # use the first N records (null: all)
+    synthetic_samples: int = 2000     # records of the synthetic data (data.path=synthetic)
+    synthetic_passkey_share: float = 0.1  # share of synthetic pretraining documents that are passkey documents
+    synthetic_passkey_filler: int = 3     # a passkey document holds 0..this many filler units (data/synthetic.py)
+    num_proc: int = 1                 # tokenization processes
     cache_dir: Optional[str] = None   # tokenization cache; default <output_dir>/cache
 
 
 @dataclass
 class LoggingConfig:
     backend: str = "none"             # none | wandb
-    project: str = "mixtral-tune"
-    run_name: Optional[str] = None
+    project: str = "mixtral-tune"     # wandb project
+    run_name: Optional[str] = None    # wandb run name (null: the output_dir's name)
     mode: str = "offline"             # wandb mode: offline | online | disabled
-    log_every: int = 1
-    heatmap_every: int = 50
+    log_every: int = 1                # steps between console lines
+    heatmap_every: int = 50           # steps between expert-load heatmaps (wandb)
     dead_expert_steps: int = 20       # warn when an expert gets no token for this many steps
 
 
@@ -121,46 +121,47 @@ class PlanConfig:
 @dataclass
 class HubConfig:
     repo_id: Optional[str] = None     # push the export (hf/) to this Hugging Face Hub repository when set
-    private: bool = True
+    private: bool = True              # create the Hub repository private
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    enabled: bool = False             # train LoRA adapters on a frozen base
+    r: int = 16                       # adapter rank
+    alpha: int = 32                   # adapter scale = alpha / r
+    dropout: float = 0.0              # dropout on the adapters' input
+    # modules that get adapters
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     experts: bool = False             # also adapt the fused expert weights (peft target_parameters)
-    train_router: bool = False
+    train_router: bool = False        # also train the router weights (not adapters)
 
 
 @dataclass
 class DPOConfig:
-    beta: float = 0.1
+    beta: float = 0.1                 # KL strength β of the DPO loss
     loss_type: str = "sigmoid"        # sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0      # cDPO label smoothing (sigmoid loss)
     sft_weight: float = 0.0           # RPO-style NLL on chosen
     dpop_lambda: float = 0.0          # DPOP: λ·max(0, log π_ref(y_w) − log π(y_w)) taken off the margin
     mask_common_suffix: bool = False  # leave the answers' shared ending (". </s>") out of both log-probs (collate)
     reference: str = "precomputed"    # precomputed | live | adapters_off (LoRA)
-    max_prompt_len: Optional[int] = None
+    max_prompt_len: Optional[int] = None  # cut prompts to this many tokens (null: max_seq_len decides)
 
 
 @dataclass
 class StageConfig:
-    stage: str = MISSING
-    output_dir: str = MISSING
-    max_steps: int = 100
-    seed: int = 0
-    model_path: Optional[str] = None
+    stage: str = MISSING              # pretrain | sft | dpo (set by the command)
+    output_dir: str = MISSING         # where the run writes: config.yaml, metrics.jsonl, checkpoints/, hf/
+    max_steps: int = 100              # optimizer steps
+    seed: int = 0                     # model init, data order, dropout
+    model_path: Optional[str] = None  # an HF folder or hub name to start from (null: the preset, randomly initialised)
     model: ModelConfig = MISSING
-    deepspeed: dict[str, Any] = field(default_factory=dict)
-    expert_parallel_size: int = 1
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # the DeepSpeed config (group deepspeed=zero0..3)
+    expert_parallel_size: int = 1     # ranks sharing each MoE layer's experts (DeepSpeed AutoEP)
     sequence_parallel_size: int = 1   # ranks sharing each row's tokens (Ulysses, train/sequence_parallel.py)
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    max_seq_len: int = 512
+    global_batch_size: int = 8        # rows (pairs for DPO) per optimizer step, over all ranks
+    micro_batch_size: int = 1         # rows per forward pass per rank (accumulation makes up the rest)
+    max_seq_len: int = 512            # tokens per row
     precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     optim: OptimConfig = field(default_factory=OptimConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -170,9 +171,9 @@ class StageConfig:
     checkpoint_every: int = 0         # steps between checkpoints (0: none by count); with any checkpoint, one at the end
     checkpoint_minutes: float = 30.0  # also a checkpoint when this long has passed since the last one (0: never);
                                       # Ctrl-C / SIGTERM always checkpoint before stopping (train/stops.py)
-    keep_checkpoints: int = 2
-    resume: bool = False
-    export: bool = True
+    keep_checkpoints: int = 2         # newest checkpoints kept
+    resume: bool = False              # continue output_dir's run from its newest checkpoint (train/contract.py)
+    export: bool = True               # write the HF folder hf/ at the end
     verify_export: bool = True        # compare the export's logits with the live model's on a probe batch
     dist_timeout_s: int = 300         # collective timeout, and how long a silent peer rank is waited for
     max_bad_steps: int = 5            # stop (after a checkpoint) when this many steps in a row are non-finite
@@ -231,20 +232,20 @@ class PipelineStage:
 @dataclass
 class PipelineMTBench:
     questions: Optional[str] = None      # FastChat question.jsonl; answers are generated when set
-    max_new_tokens: int = 64
-    limit: Optional[int] = None
-    judge_base_url: Optional[str] = None
-    judge_model: str = "gpt-4"
-    judge_api_key_env: str = "OPENAI_API_KEY"
+    max_new_tokens: int = 64          # answer length
+    limit: Optional[int] = None       # first N questions (null: all 80)
+    judge_base_url: Optional[str] = None  # OpenAI-compatible judge endpoint (null: answers only)
+    judge_model: str = "gpt-4"        # judge model name
+    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the judge's key
 
 
 @dataclass
 class PipelineConfig:
-    output_dir: str = "outputs/pipeline"
+    output_dir: str = "outputs/pipeline"  # one folder per stage and evaluation
     force: bool = False                  # redo stages that already finished
     nproc: int = 2                       # torchrun --nproc_per_node for every stage
-    model: str = "tiny"
-    seed: int = 0
+    model: str = "tiny"               # the preset trained from scratch
+    seed: int = 0                     # every stage's seed
     # Each stage is its recipe under recipes/pipeline/ (what made the tiny model learn in minutes, and why, is
     # in their headers); the command line can still add `<stage>.max_steps=` or `<stage>.overrides=[...]`.
     pretrain: PipelineStage = field(default_factory=lambda: PipelineStage(recipe="pipeline/pretrain"))
@@ -254,9 +255,10 @@ class PipelineConfig:
     # held-out preference pairs: forward passes only, so many. Half are capitals over only 8 held-out
     # countries, and 50 of them measured 70% where 200 measured 84.5% (same model): the draw of countries
     heldout_pairs: int = 400
-    passkey_lengths: list[int] = field(default_factory=lambda: [128, 256])
+    passkey_lengths: list[int] = field(default_factory=lambda: [128, 256])  # passkey context lengths
+    # passkey depths (0: start, 1: end)
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    passkey_trials: int = 5
+    passkey_trials: int = 5           # passkey trials per cell
     mt_bench: PipelineMTBench = field(default_factory=PipelineMTBench)
 
 

@@ -51,7 +51,53 @@ MISTAKES = [  # (script, arguments, text the one line must contain)
     ("eval/chat.py", ["model_path=RUN/hf", "temperature=-1"], "temperature=-1"),
     ("eval/routing.py", ["model_path=RUN/hf", "seq_len=0"], "seq_len=0: must be >= 1"),
     ("eval/routing.py", ["model_path=RUN/hf", "dtype=fp8"], "dtype='fp8': expected one of"),
+    ("train/sft.py", ["--recipe", "tiny/sft"], "'--recipe tiny/sft': settings are key=value, not flags: did you mean "
+                                              "recipe=tiny/sft?"),
 ]
+
+COMMANDS = [("train/pretrain.py", "pretrain"), ("train/sft.py", "sft"), ("train/dpo.py", "dpo"),
+            ("eval/passkey.py", "passkey"), ("eval/mt_bench.py", "mt_bench"), ("eval/serve.py", "serve"),
+            ("eval/chat.py", "chat"), ("eval/routing.py", "routing"), ("train/pipeline.py", "pipeline")]
+
+
+@pytest.mark.parametrize("script, config_name", COMMANDS)
+def test_help_lists_every_key_with_its_default_and_a_description(script, config_name):
+    """Every key of every command's schema is in its --help with a default and a one-line description (a key
+    added without a comment in the schema fails here); training stages list their recipes and launcher flags."""
+    import eval.config as ec
+    import train.config as tc
+    from train.cli import _schema_keys, recipe_stage, recipes
+    from train.usage import descriptions, help_text
+
+    schema = {"pretrain": tc.PretrainConfig, "sft": tc.SFTConfig, "dpo": tc.DPOStageConfig, "pipeline": tc.PipelineConfig,
+              "passkey": ec.PasskeyConfig, "mt_bench": ec.MTBenchConfig, "serve": ec.ServeConfig, "chat": ec.ChatConfig,
+              "routing": ec.RoutingConfig}[config_name]
+    training = config_name in ("pretrain", "sft", "dpo")
+    text = help_text(script, config_name, schema, [r for r in recipes() if recipe_stage(r) == config_name], training)
+    desc = descriptions(schema)
+    keys = [k for k in _schema_keys(schema)[0] if k in desc and k not in ("recipe_name", "deepspeed")]
+    for key in keys:
+        line = next((l for l in text.splitlines() if l.strip().startswith(f"{key}=")), None)
+        assert line is not None, f"{key} missing from --help"
+        assert desc[key], f"{key} has no description: add a comment to it in the schema"
+    if training:
+        assert "--nproc_per_node N" in text and f"recipe=tiny/{config_name}" in text
+        assert "deepspeed=<zero0|zero1|zero2|zero3|zero3_offload>" in text
+
+
+def test_help_exits_0_and_positional_mistakes_get_a_key_value_hint():
+    from train.usage import not_key_value
+
+    proc = subprocess.run([sys.executable, "train/sft.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python train/sft.py") and "optim.lr=" in proc.stdout
+    keys = {"max_steps", "optim.lr"}
+    assert not_key_value(["recipe", "tiny/sft"], keys).endswith("did you mean recipe=tiny/sft?")
+    assert not_key_value(["--recipe=tiny/sft"], keys).endswith("did you mean recipe=tiny/sft?")
+    assert not_key_value(["--max_steps", "5"], keys).endswith("did you mean max_steps=5?")
+    assert "settings are key=value" in not_key_value(["tiny/sft"], keys)
+    assert not_key_value(["recipe=tiny/sft", "max_steps=5"], keys) is None
+    assert not_key_value(["--cfg", "job"], keys) is None  # Hydra's own flags are Hydra's
 
 
 @pytest.fixture(scope="module")
