@@ -6,6 +6,7 @@ compares the command's config with the run's `config.yaml` and refuses, in one l
 values (exit 2), any change outside `MAY_CHANGE`:
 
     may change (applied from the resumed step on)     max_steps (the schedule is rebuilt for the new length),
+                                                      output_dir (a run folder moved or copied),
                                                       checkpoint_every, keep_checkpoints, logging, export,
                                                       the layout (world size, expert_parallel_size, ZeRO stage,
                                                       deepspeed, micro_batch_size, sequence_parallel_size),
@@ -24,8 +25,8 @@ from pathlib import Path
 
 from train.config import ConfigError
 
-MAY_CHANGE = ("max_steps", "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "export", "verify_export",
-              "dist_timeout_s", "max_bad_steps", "expert_parallel_size", "sequence_parallel_size", "micro_batch_size",
+MAY_CHANGE = ("output_dir", "max_steps", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "resume",
+              "overwrite", "export", "verify_export", "dist_timeout_s", "max_bad_steps", "expert_parallel_size", "sequence_parallel_size", "micro_batch_size",
               "deepspeed", "logging", "plan", "hub", "recipe_name", "model.gradient_checkpointing",
               "model.attn_implementation", "model.experts_implementation", "model.tiled_mlp_tokens", "data.num_proc",
               "data.cache_dir")

@@ -221,9 +221,11 @@ def test_dead_rank_is_named_and_the_survivor_exits(tmp_path):
 @pytest.mark.parametrize("stage, extra, before, after", [
     ("sft", ["recipe=tiny/sft", "precision=bf16"], (2, ["deepspeed=zero3", "expert_parallel_size=2"]), (1, ["deepspeed=zero0"])),
     ("sft", ["recipe=tiny/sft", "precision=bf16"], (1, ["deepspeed=zero0"]), (2, ["deepspeed=zero2", "expert_parallel_size=2"])),
-    ("sft", ["recipe=tiny/sft", "lora.enabled=true", "optim.lr=1e-2"], (2, ["deepspeed=zero2"]), (1, ["deepspeed=zero1"])),
+    pytest.param("sft", ["recipe=tiny/sft", "lora.enabled=true", "optim.lr=1e-2"], (2, ["deepspeed=zero2"]),
+                 (1, ["deepspeed=zero1"]), marks=pytest.mark.layouts),  # (-m layouts: the default run's budget)
     ("dpo", ["recipe=tiny/dpo", "allow_random_init=true"], (2, ["deepspeed=zero2"]), (1, ["deepspeed=zero0"])),
-    ("pretrain", ["recipe=tiny/pretrain"], (1, ["deepspeed=zero1"]), (2, ["deepspeed=zero3"])),
+    pytest.param("pretrain", ["recipe=tiny/pretrain"], (1, ["deepspeed=zero1"]), (2, ["deepspeed=zero3"]),
+                 marks=pytest.mark.layouts),
 ], ids=["sft_bf16_zero3_ep2_to_1rank_zero0", "sft_bf16_1rank_zero0_to_zero2_ep2", "sft_lora_zero2_to_1rank_zero1",
         "dpo_precomputed_reference_zero2_to_1rank_zero0", "pretrain_1rank_zero1_to_zero3"])
 def test_resume_on_another_layout(stage, extra, before, after, tmp_path):

@@ -4,7 +4,6 @@ exit status 2, before any model loads."""
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -109,28 +108,49 @@ def run_folder(tmp_path_factory):
     return run
 
 
-def test_every_mistake_is_one_line_and_exit_2(run_folder, tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("RANK", None)
+def _in_process(script: str, args: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `python <script> <args>` run in this process: the command's own `main`,
+    with sys.argv set as Python sets it. Every mistake is caught before any model loads, so nothing starts."""
+    import contextlib
+    import importlib
+    import io
 
-    def call(case):
-        script, args, needle = case
+    module = importlib.import_module(script[:-3].replace("/", "."))
+    argv, out, err, status = sys.argv, io.StringIO(), io.StringIO(), 0
+    sys.argv = [script, *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main()
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = argv
+    return status, out.getvalue(), err.getvalue()
+
+
+SUBPROCESS = {0, 24, len(MISTAKES) - 1}  # also as real processes: a stage, an eval command, a positional mistake
+
+
+def test_every_mistake_is_one_line_and_exit_2(run_folder, tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    failures = []
+    for i, (script, args, needle) in enumerate(MISTAKES):
         args = [a.replace("RUN", str(run_folder)) for a in args]
         if script.startswith("train/"):
             args.append(f"output_dir={tmp_path / 'fresh'}")
-        proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
-        return case, args, proc, needle.replace("RUN", str(run_folder))
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(call, MISTAKES))
+        needle = needle.replace("RUN", str(run_folder))
+        runs = [_in_process(script, args)]
+        if i in SUBPROCESS:
+            proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            runs.append((proc.returncode, proc.stdout, proc.stderr))
+        for status, stdout, stderr in runs:
+            lines = stderr.strip().splitlines()
+            if not (status == 2 and len(lines) == 1 and lines[0].startswith("config error: ") and needle in lines[0]
+                    and "Traceback" not in stdout):
+                failures.append((script, args, status, stderr[-1500:]))
     assert len(MISTAKES) >= 25
-    failures = []
-    for (script, _, _), args, proc, needle in results:
-        lines = proc.stderr.strip().splitlines()
-        if not (proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("config error: ") and needle in lines[0]
-                and "Traceback" not in proc.stdout):
-            failures.append((script, args, proc.returncode, proc.stderr[-1500:]))
     assert not failures, failures
     assert not (tmp_path / "fresh").exists()  # nothing was started
 
