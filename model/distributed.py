@@ -23,6 +23,25 @@ from omegaconf import OmegaConf
 import torch
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must be for a collective: NCCL, the GPU backend, takes CUDA tensors only; gloo the host's."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_here(t: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce a small host-side tensor (counts, flags, tables) through `collective_device()` and return it
+    where it was: under NCCL a host tensor could not be reduced at all (every GPU run's first step)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    moved = t.to(collective_device())
+    dist.all_reduce(moved, op=op if op is not None else dist.ReduceOp.SUM)
+    return moved.to(t.device)
+
+
 def accumulation_steps(cfg, world_size: int) -> int:
     """Micro-batches per optimizer step on each rank: global batch / (micro-batch × data-parallel groups),
     a data-parallel group being `sequence_parallel_size` ranks that share their rows."""

@@ -293,12 +293,11 @@ def verify_export(engine, out_dir: str | Path, probe=None, dtype: torch.dtype = 
         values = torch.tensor([(live - ref).abs().max().item(), max(1.0, live.abs().max().item()),
                                live.double().sum().item()], dtype=torch.float64)
     if dist.is_initialized():  # every rank learns the verdict, so that every rank ends the same way
-        values = values.to(_collective_device())
+        from model.distributed import collective_device
+
+        values = values.to(collective_device())
         dist.broadcast(values, 0)
         values = values.cpu()
     diff, scale, live_sum = values.tolist()
     return {"max_abs_diff": diff, "scale": scale, "live_sum": live_sum, "tol": tol, "passed": diff <= tol * scale}
 
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -28,6 +28,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from model.distributed import all_reduce_here
+
 
 # ---------------------------------------------------------------------------------------------
 # fault injection (tests only)
@@ -94,7 +96,7 @@ def guarded(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
                 sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
                 bad = torch.maximum(bad, (~torch.isfinite(sums).all()).float().reshape(1))
             if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                bad = all_reduce_here(bad, dist.ReduceOp.MAX)  # (host gradients under ZeRO-Offload: NCCL)
             self.nonfinite_loss = False
             self.skipped = bool(bad.item())
             self.overflow = self.skipped  # ZeRO-0: DeepSpeed's engine then also holds the LR schedule back

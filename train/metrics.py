@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from eval.reporting import load_heatmap
+from model.distributed import all_reduce_here
 from model.router import expert_counts, router_statistics
 from train import console, faults
 from train.runtime import Run
@@ -75,10 +75,7 @@ class Metrics:
 
     def expert_load(self, counts_LE: torch.Tensor) -> dict:
         """All-reduce a step's assignment counts and return the statistics (all ranks call)."""
-        counts = counts_LE.to(torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        return router_statistics(counts)
+        return router_statistics(all_reduce_here(counts_LE.to(torch.float64)))
 
     def log(self, step: int, values: dict, stats: dict) -> None:
         memory = self.run.memory

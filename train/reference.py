@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data.dataset import GlobalBatches, fingerprint, file_sha
 from data.preference import answer_sums, collate
 from model import sequence_parallel
+from model.distributed import all_reduce_here
 from model.head import NO_LOGITS, final_hidden
 from model.losses import token_logps
 from model.router import fp32_router_logits
@@ -88,9 +88,7 @@ def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int,
             for j, i in enumerate(ix):
                 if owner[i] == (step, run.dp_rank) and run.rank % run.sp == 0:
                     table[i, 0], table[i, 1] = chosen[j].double().cpu(), rejected[j].double().cpu()
-    if dist.is_initialized():
-        dist.all_reduce(table)
-    return table
+    return all_reduce_here(table)
 
 
 def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bool = False) -> torch.Tensor:

@@ -25,6 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from model.distributed import all_reduce_here
+
 REPEAT_S = 2.0   # a signal this soon after the first is the same request (torchrun forwards the terminal's)
 NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
@@ -74,7 +76,7 @@ class Stops:
         due = float(minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes)
         flags = torch.tensor([float(self.signum), due])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = all_reduce_here(flags, dist.ReduceOp.MAX)
         return int(flags[0]), bool(flags[1])
 
 
