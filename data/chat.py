@@ -238,11 +238,8 @@ def _encode(messages: Sequence[dict], tokenizer, tools) -> tuple[list[int], list
             result = _dumps({"content": _json(t["content"]), "call_id": t["tool_call_id"]})
             prompt([ctl["[TOOL_RESULTS]"], *tokenizer.encode(result), ctl["[/TOOL_RESULTS]"]])
         else:
-            if t["tool_calls"]:
-                answer = [ctl["[TOOL_CALLS]"], *tokenizer.encode(_calls_json(t["tool_calls"]))]
-            else:
-                answer = encode_answer(t["content"], tokenizer)[:-1]
-            answer.append(tokenizer.eos_id)
+            answer = ([ctl["[TOOL_CALLS]"], *tokenizer.encode(_calls_json(t["tool_calls"])), tokenizer.eos_id]
+                      if t["tool_calls"] else encode_answer(t["content"], tokenizer))
             ids.extend(answer)
             labels.extend(answer)
     return ids, labels

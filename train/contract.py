@@ -75,8 +75,9 @@ def check_resume(cfg) -> None:
     from train.checks import earlier_work
 
     out = os.path.expanduser(cfg.output_dir)
-    if cfg.resume and os.path.isdir(out) and earlier_work(out) and "checkpoints" not in earlier_work(out):
-        raise ConfigError(f"resume=true: output_dir={cfg.output_dir} holds a run ({', '.join(earlier_work(out))}) but "
+    work = earlier_work(out) if cfg.resume and os.path.isdir(out) else []
+    if work and "checkpoints" not in work:
+        raise ConfigError(f"resume=true: output_dir={cfg.output_dir} holds a run ({', '.join(work)}) but "
                           f"no checkpoint to continue from (it stopped before checkpoint_every or checkpoint_minutes "
                           f"saved one); overwrite=true starts it afresh")
     found = _saved(cfg)
