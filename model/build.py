@@ -8,6 +8,8 @@ goes straight into `MixtralConfig`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from model import attention, experts  # register the "packed_sdpa" attention and
 
 # Preset keys that are about how to build, not part of MixtralConfig.
 BUILD_KEYS = ("name", "attn_implementation", "experts_implementation", "gradient_checkpointing",
-              "rope_theta_override", "max_position_embeddings_override", "tiled_mlp_tokens", "tokenizer")
+              "rope_theta_override", "max_position_embeddings_override", "tiled_mlp_tokens", "quantize", "tokenizer")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -115,9 +117,11 @@ def build_model(
             `torch.manual_seed(seed); MixtralForCausalLM(config)` in every layout (model/load.py).
         placement: what this rank keeps (model/load.py): ZeRO-3 partitions, or dense weights and one
             block of experts under expert parallelism. None: everything (a single process).
+        The preset's `quantize` ("none" | "nf4") stores the attention and expert weights in 4 bits as they
+        are read (model/quantize.py; QLoRA).
     """
     preset = dict(preset)
-    placement = placement or Placement()
+    placement = dataclasses.replace(placement or Placement(), quantize=preset.get("quantize") or "none")
     attn = attn_implementation or preset.get("attn_implementation", attention.NAME)
     config = model_config(preset, model_path)
     config._attn_implementation = attn

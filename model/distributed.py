@@ -67,6 +67,8 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None
     ds["fp16"] = {"enabled": dtype == torch.float16}
     if cfg.expert_parallel_size > 1:
         ds["expert_parallel"] = {"enabled": True, "autoep_size": cfg.expert_parallel_size, "preset_model": "mixtral"}
+        if cfg.get("lora") is not None and cfg.lora.enabled:  # peft's wrapper puts the layers under base_model.model.
+            ds["expert_parallel"]["moe_layer_pattern"] = r"(?:base_model\.model\.)?model\.layers\.\d+\.mlp"
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") in (1, 2):
         # DeepSpeed's default buckets hold 5e8 elements: a ZeRO-2 rank gathered every gradient of a 439M-parameter
@@ -123,6 +125,29 @@ def fp32_master_shared():
         yield
     finally:
         Stage3._create_fp32_partitions = original
+
+
+@contextlib.contextmanager
+def frozen_experts_dense():
+    """Around `deepspeed.initialize`: ZeRO-1/2 under expert parallelism with every expert weight frozen (LoRA
+    on attention) trains like a dense model. DeepSpeed's ZeRO-1/2 optimizer asserts that a model with MoE layers
+    has an optimizer group marked "moe", and its engine drops empty groups first, so a LoRA run had no way to
+    start; the frozen experts have no gradients to reduce over their expert-data-parallel group, and every
+    trainable parameter is reduced over the whole data-parallel group, as without MoE layers."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero12
+
+    original = Zero12._configure_moe_settings
+
+    def configure(self):
+        if any(self.is_moe_group(group) for group in self.optimizer.param_groups):
+            return original(self)
+        self.has_moe_layers = False
+
+    Zero12._configure_moe_settings = configure
+    try:
+        yield
+    finally:
+        Zero12._configure_moe_settings = original
 
 
 def settle_zero0(engine) -> None:

@@ -9,7 +9,9 @@ the backward. Our models never carry sentinels
 them: same sort, same grouped GEMMs, same combine — gradients equal to transformers' (tests/unit/
 test_model.py) — 1.2× faster per MoE block fwd+bwd on CPU (146 → 119 ms, BENCHMARKS.md).
 
-Registered as `experts_implementation: sorted_grouped_mm` (the presets' default).
+Registered as `experts_implementation: sorted_grouped_mm` (the presets' default). A 4-bit expert weight
+(`model.quantize=nf4`, model/quantize.py) is dequantized per projection in the forward and again in the
+backward, never kept.
 
 Shapes: T tokens, K = top_k, S = T·K token-expert pairs, H hidden, F expert ffn, E experts.
 """
@@ -17,7 +19,9 @@ Shapes: T tokens, K = top_k, S = T·K token-expert pairs, H hidden, F expert ffn
 from __future__ import annotations
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from model.quantize import grouped_linear
 
 NAME = "sorted_grouped_mm"
 
@@ -35,10 +39,10 @@ def sorted_grouped_mm_experts_forward(self, hidden_TH: torch.Tensor, top_k_index
         x_SH, counts_E, rows_S = _pad_groups(x_SH, expert_ids_S, counts_E)
     offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
     if self.has_gate:
-        h_SF = self._apply_gate(_grouped_linear(x_SH, self.gate_up_proj, offsets_E, is_transposed=self.is_transposed))
+        h_SF = self._apply_gate(grouped_linear(x_SH, self.gate_up_proj, offsets_E, self.is_transposed))
     else:
-        h_SF = self.act_fn(_grouped_linear(x_SH, self.up_proj, offsets_E, is_transposed=self.is_transposed))
-    y_SH = _grouped_linear(h_SF, self.down_proj, offsets_E, is_transposed=self.is_transposed)
+        h_SF = self.act_fn(grouped_linear(x_SH, self.up_proj, offsets_E, self.is_transposed))
+    y_SH = grouped_linear(h_SF, self.down_proj, offsets_E, self.is_transposed)
     if rows_S is not None:
         y_SH = y_SH.index_select(0, rows_S)
     y_SH = y_SH * top_k_weights_TK.reshape(-1)[perm_S].unsqueeze(-1)

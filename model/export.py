@@ -35,10 +35,15 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from model import sequence_parallel
+from model.quantize import NF4Tensor, dequantized
 from model.weights import to_hub
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(w1|w2|w3)$")
 _LORA = re.compile(r"^(.*)\.lora_(A|B)\.default\.weight$")
+
+
+def quantized(p) -> bool:
+    return isinstance(p, NF4Tensor) or getattr(p, "quant_state", None) is not None
 
 
 def _rank() -> int:
@@ -141,13 +146,14 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
         tmp.mkdir(parents=True)
     writer = _ShardWriter(tmp, max_shard_bytes) if rank == 0 else None
 
-    params = list(module.named_parameters())
+    # 4-bit base weights (model.quantize=nf4) are written dequantized: the model that trained, in 16 bits
+    params = list(module.named_parameters()) + [(n, m) for n, m in module.named_modules() if isinstance(m, NF4Tensor)]
     names = {n for n, _ in params}
     pending_experts: dict[str, dict[str, torch.Tensor]] = {}
     lora: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
     for name, p in params:
-        full = _gather_full(p)  # collective: every rank, same order
+        full = dequantized(p).cpu() if quantized(p) else _gather_full(p)  # collective: every rank, same order
         if rank != 0:
             continue
         if dtype is not None and full.is_floating_point():

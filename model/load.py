@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model import quantize
 from model.weights import Checkpoint
 
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -41,6 +42,7 @@ class Placement:
     ep_size: int = 1
     ep_rank: int = 0
     ds_config: dict = field(default_factory=dict)
+    quantize: str = "none"  # "nf4": the attention and expert weights are stored in 4 bits as they are read
 
     @property
     def partitioned(self) -> bool:
@@ -92,7 +94,7 @@ class _Filler:
     """Writes this rank's share of each parameter, given a reader of the full tensor's pieces."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, placement: Placement):
-        self.dtype, self.placement = dtype, placement
+        self.model, self.dtype, self.placement = model, dtype, placement
         self.owners = _owners(model)
         self.done: set[int] = set()
 
@@ -121,6 +123,9 @@ class _Filler:
             else:  # a fresh, aligned allocation: CPU kernels round differently on unaligned memory
                 data = torch.empty(shape, dtype=self.dtype)
                 data.copy_(full())
+            if pl.quantize == "nf4" and quantize.quantized_name(name):  # stored in 4 bits at once (model/quantize.py)
+                quantize.store(self.model, name, data, self.dtype)
+                return
             new = nn.Parameter(data, requires_grad=p.requires_grad)
             for mod, attr, _ in self.owners[id(p)]:
                 mod._parameters[attr] = new

@@ -9,9 +9,13 @@ there are no per-expert Linear modules to target). The router stays frozen unles
 What combines with what (checked in train.config.validate):
   * ZeRO 0-3 with attention adapters. Under ZeRO-3 the frozen base is sharded (8x7B bf16:
     93 GB / 8 GPUs ≈ 12 GB each) and the export gathers each weight and merges W + B·A·α/r itself.
-  * Expert adapters (`lora.experts=true`) need ZeRO 0-2: peft merges them (`merge_and_unload`).
-  * Not with expert parallelism: with every expert frozen, DeepSpeed's ZeRO optimizers find no
-    trainable MoE parameter group under AutoEP and refuse to start.
+  * Expert adapters (`lora.experts=true`) need ZeRO 0-2 and no expert parallelism: peft merges them
+    (`merge_and_unload`), and AutoEP replaces the fused expert weights they wrap.
+  * Attention adapters (and a trained router) with expert parallelism, ZeRO 0-3: each rank holds its own
+    experts, frozen. AutoEP finds the MoE blocks under peft's `base_model.model.` prefix
+    (model/distributed.py), ZeRO-1/2 train the adapters as a dense model's (`frozen_experts_dense`), and a
+    trained router, which AutoEP rebuilds inside its own module, is written into the adapter folder under
+    peft's name for it (`save_adapter`). Tested equal to one rank (tests/distributed/test_layouts.py).
 
 Outputs: `<output_dir>/adapter/` in PEFT format (adapter_config.json + adapter_model.safetensors,
 loadable with `PeftModel.from_pretrained`), and the merged HF export in `<output_dir>/hf/`.
@@ -56,9 +60,15 @@ def save_adapter(peft_model, out_dir: str | Path, write: bool, base_model: str |
     `base_model_name_or_path`, so `PeftModel.from_pretrained` users know what to load the adapter onto."""
     from model.export import _gather_full
 
-    state = {}
+    state, routers = {}, {}
     for name, p in peft_model.named_parameters():
-        if "lora_" in name or ".modules_to_save." in name:
+        if p.requires_grad and ".mlp.router.gate." in name:
+            # lora.train_router under expert parallelism: AutoEP replaced peft's router wrapper by its own router,
+            # which peft's save no longer sees; written under the key peft gives a saved router module
+            full = _gather_full(p)
+            if write:
+                routers[name.replace(".mlp.router.gate.", ".mlp.gate.")] = full
+        elif "lora_" in name or ".modules_to_save." in name:
             full = _gather_full(p)
             if write:
                 state[name] = full
@@ -66,6 +76,12 @@ def save_adapter(peft_model, out_dir: str | Path, write: bool, base_model: str |
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = base_model
         peft_model.save_pretrained(str(out_dir), state_dict=state)
+        if routers:
+            from safetensors.torch import load_file, save_file
+
+            file = Path(out_dir) / "adapter_model.safetensors"
+            save_file({**load_file(str(file)), **{k: v.contiguous() for k, v in routers.items()}}, str(file),
+                      metadata={"format": "pt"})
 
 
 def merged_for_export(peft_model):

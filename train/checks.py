@@ -102,10 +102,24 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("deepspeed: CPU offload needs ZeRO stage >= 1 (zero_optimization.stage is 0)")
     if zero.get("offload_param") and stage != 3:
         raise ConfigError("deepspeed: zero_optimization.offload_param needs ZeRO stage 3")
-    if cfg.lora.enabled and cfg.expert_parallel_size > 1:
-        raise ConfigError("lora.enabled=true with expert_parallel_size>1: with every expert frozen, DeepSpeed's ZeRO "
-                          "optimizers find no trainable MoE parameter group under AutoEP and refuse to start; "
-                          "use expert_parallel_size=1 with deepspeed=zero3 to shard the frozen base instead")
+    if cfg.model.quantize not in ("none", "nf4"):
+        raise ConfigError(f"model.quantize={cfg.model.quantize}: one of none, nf4")
+    if cfg.model.quantize == "nf4":
+        layouts = "1 rank, or data parallel under deepspeed=zero0/zero1/zero2 (the 4-bit base replicated)"
+        if not cfg.lora.enabled:
+            raise ConfigError("model.quantize=nf4 needs lora.enabled=true: a 4-bit base is frozen (QLoRA trains adapters)")
+        if cfg.lora.experts:
+            raise ConfigError("model.quantize=nf4 with lora.experts=true: expert adapters wrap 16-bit fused expert "
+                              "weights; use attention adapters (lora.experts=false) over the 4-bit experts")
+        if stage == 3:
+            raise ConfigError(f"model.quantize=nf4 with ZeRO-3: DeepSpeed cannot partition 4-bit weights; QLoRA runs on {layouts}")
+        if cfg.expert_parallel_size > 1:
+            raise ConfigError(f"model.quantize=nf4 with expert_parallel_size>1: DeepSpeed's expert-parallel layers "
+                              f"hold 16-bit experts; QLoRA runs on {layouts}")
+    if cfg.lora.enabled and cfg.lora.experts and cfg.expert_parallel_size > 1:
+        raise ConfigError("lora.experts=true with expert_parallel_size>1: DeepSpeed's expert-parallel MoE modules "
+                          "replace the fused expert weights that peft's expert adapters wrap; use attention adapters "
+                          "(lora.experts=false) with expert parallelism, or expert adapters with expert_parallel_size=1")
     if cfg.lora.enabled and cfg.lora.experts and stage == 3:
         raise ConfigError("lora.experts=true with ZeRO-3: expert adapters are merged by peft, which needs the full "
                           "expert weights in place; use deepspeed=zero2, or attention-only adapters (lora.experts=false)")

@@ -245,14 +245,28 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def _end_distributed() -> None:
-    """Destroy every process group before the interpreter ends. Without it, gloo's worker threads outlive
-    their owners at exit and a rank can die with `terminate called without an active exception` (SIGABRT)
-    after its work is done."""
+def _end_distributed(status: int, program: bool) -> None:
+    """Destroy every process group, then, where this command is the process's program (`python train/sft.py`,
+    a torchrun worker; not a test calling it in process), end the process here with `status`.
+
+    Leaving through the interpreter's finalization is not safe once gloo (or NCCL) has run: process groups that
+    DeepSpeed still references are freed during finalization, and their C++ worker threads, reaching for the GIL
+    of an interpreter being torn down, are unwound into `std::terminate` — a rank whose work and files were all
+    done then dies with `terminate called without an active exception` (SIGABRT) and torchrun reports the run
+    failed. Everything a run writes is written and closed before this point (metrics, checkpoints, exports,
+    wandb's finish), so the process ends with os._exit after flushing its streams."""
+    import logging
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    if program:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def main(config_name: str, schema, check=None):
@@ -270,15 +284,18 @@ def main(config_name: str, schema, check=None):
                 cfg.recipe_name = recipe
             from data.hub import HubUnreachable
 
+            program = getattr(sys.modules.get("__main__"), "main", None) is run
             try:
                 result = fn(cfg)
-            except SystemExit:  # a deliberate stop (status 3 after non-finite steps): every rank is at the same point
-                _end_distributed()
+            except SystemExit as e:  # a deliberate stop (status 3 after non-finite steps): every rank is at the same point
+                _end_distributed(e.code if isinstance(e.code, int) else (0 if e.code is None else 1), program)
                 raise
             except (ConfigError, HubUnreachable) as e:  # found once the run has started (every rank finds it)
-                _end_distributed()
-                fail(str(e))
-            _end_distributed()
+                if os.environ.get("RANK", "0") == "0":
+                    print(f"config error: {e}", file=sys.stderr, flush=True)
+                _end_distributed(2, program)
+                sys.exit(2)
+            _end_distributed(0, program)
             return result
 
         @functools.wraps(fn)

@@ -59,6 +59,7 @@ class ModelConfig:
     experts_implementation: str = "sorted_grouped_mm"  # sorted_grouped_mm (model/experts.py) | grouped_mm | batched_mm | eager
     gradient_checkpointing: bool = False  # recompute each layer in backward (less memory, ~30% more compute)
     tiled_mlp_tokens: int = 0         # > 0: MoE experts run in tiles of this many tokens (model/tiled_moe.py)
+    quantize: str = "none"            # none | nf4: attention and expert weights in 4 bits (QLoRA, model/quantize.py)
 
 
 @dataclass

@@ -34,7 +34,8 @@ def is_terminal() -> bool:
 
 
 class _DropKnown(logging.Filter):
-    KNOWN = ("untested optimizer",)
+    KNOWN = ("untested optimizer",
+             "gemm_4bit_forward from kernels-community")  # bitsandbytes' optional CPU kernel, unused (model/quantize.py)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(k in record.getMessage() for k in self.KNOWN)
@@ -49,6 +50,7 @@ def setup() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+ is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logging.getLogger("DeepSpeed").addFilter(_DropKnown())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKnown())
     if not is_terminal():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

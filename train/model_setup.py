@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from model import sequence_parallel
 from model.build import build_model, model_folder
-from model.distributed import deepspeed_config, fp32_master_shared, mark_moe_leaf_modules, settle_zero0, zero_stage
+from model.distributed import deepspeed_config, fp32_master_shared, frozen_experts_dense, mark_moe_leaf_modules, settle_zero0, zero_stage
 from model.head import install_lm_head
 from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.router import fp32_router_logits
@@ -124,7 +124,7 @@ def build_engine(cfg, model, run: Run):
 
     mpu = sequence_parallel.setup(model, run.sp, cfg.micro_batch_size)
     run.grad_factor = sequence_parallel.gradient_factor(zero_stage(ds), run.sp)
-    with fp32_master_shared():
+    with fp32_master_shared(), frozen_experts_dense():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=mpu,
                                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     settle_zero0(engine)

@@ -70,9 +70,9 @@ def plan(cfg, gpus: int, gpu_memory_gb: float, host_memory_gb: float, nodes: int
     layouts = [("recipe", layout_of(cfg, gpus, DTYPES[dtype_bytes]))]
     for world in (gpus, 2 * gpus):
         for stage in (2, 3):
-            # (LoRA or sequence parallelism with expert parallelism is refused: train/config.py)
+            # (expert adapters or sequence parallelism with expert parallelism are refused: train/checks.py)
             for ep in [e for e in (1, 2, 4, 8, 16) if config.num_local_experts % e == 0 and world % e == 0
-                       and (e == 1 or not (cfg.lora.enabled or cfg.sequence_parallel_size > 1))]:
+                       and (e == 1 or not ((cfg.lora.enabled and cfg.lora.experts) or cfg.sequence_parallel_size > 1))]:
                 for offload in (False, True):
                     layouts.append(("", Layout(world=world, zero_stage=stage, ep_size=ep, offload_optimizer=offload, **base)))
     size = (lambda n: f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M")

@@ -126,6 +126,48 @@ def test_dpo_from_model_path_zero3_ep2_equals_one_rank(starts, baselines, tmp_pa
     check_layout("dpo", "zero3_ep2", starts, baselines, tmp_path)
 
 
+# LoRA under expert parallelism: attention adapters, a trained router (SFT), the adapters-off reference (DPO).
+# The experts are frozen and partitioned by expert; ZeRO-1/2 train the adapters as a dense model's
+# (model/distributed.py `frozen_experts_dense`), ZeRO-3 partitions the frozen base within each expert group.
+LORA = {"sft": ["lora.enabled=true", "lora.train_router=true"],
+        "dpo": ["lora.enabled=true", "dpo.reference=adapters_off"]}
+LORA_LAYOUTS = {
+    "zero2_ep2": (2, ["deepspeed=zero2", "expert_parallel_size=2"]),
+    "zero2_ep2_edp2": (4, ["deepspeed=zero2", "expert_parallel_size=2"]),
+    "zero3_ep2": (2, ["deepspeed=zero3", "expert_parallel_size=2"]),
+    "zero3_ep2_edp2": (4, ["deepspeed=zero3", "expert_parallel_size=2"]),
+}
+LORA_CASES = [("sft", "zero2_ep2"), ("sft", "zero3_ep2_edp2"), ("dpo", "zero3_ep2"), ("dpo", "zero2_ep2_edp2")]
+
+
+@pytest.fixture(scope="module")
+def lora_baselines(starts, tmp_path_factory):
+    cache = {}
+
+    def get(stage):
+        if stage not in cache:
+            cache[stage] = one_rank_losses(starts, tmp_path_factory, [*EXACT, *LORA[stage], "export=false"],
+                                           f"lora_one_{stage}")(stage)
+        return cache[stage]
+
+    return get
+
+
+@pytest.mark.layouts
+@pytest.mark.parametrize("stage, layout", LORA_CASES, ids=[f"{s}-{l}" for s, l in LORA_CASES])
+def test_lora_expert_parallel_equals_one_rank(stage, layout, starts, lora_baselines, tmp_path):
+    """LoRA under EP 2 and EP 2 × expert-data-parallel 2 trains like one rank (fp32, 1e-4 relative), and its
+    merged export passes the stage's check."""
+    nproc, overrides = LORA_LAYOUTS[layout]
+    out = tmp_path / layout
+    run_stage(stage, out, [*STAGES[stage], *EXACT, *LORA[stage], *starts[stage], *overrides], nproc=nproc, timeout=900)
+    one, got = lora_baselines(stage), losses(out, KEY[stage])
+    assert abs(one[2] - one[0]) > 1e-3, one  # the adapters really change the model
+    assert got == pytest.approx(one, rel=1e-4), (stage, layout, one, got)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    export_experts_distinct(out / "hf")
+
+
 def launch_nodes(stage: str, out, overrides: list[str], nodes: int, per_node: int, timeout: int = 900):
     """`nodes` torchrun agents on this machine, as on a cluster (README, "Real Mixtral on GPUs"):
         torchrun --nnodes N --node_rank i --nproc_per_node G --rdzv-backend c10d --rdzv-endpoint HEAD:PORT ...

@@ -61,7 +61,7 @@ def _error_text(overrides, world_size=None):
         (["model_path=/no/such/folder"], None, "model_path=/no/such/folder"),
         (["max_seq_len=100000"], None, "max_seq_len"),
         (["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"], None, "offload_param"),
-        (["lora.enabled=true", "expert_parallel_size=2"], None, "expert_parallel_size>1"),
+        (["lora.enabled=true", "lora.experts=true", "expert_parallel_size=2"], None, "lora.experts=true with expert_parallel_size>1"),
         (["lora.enabled=true", "lora.experts=true", "deepspeed=zero3"], None, "lora.experts=true with ZeRO-3"),
         (["data.synthetic_passkey_share=1.5"], None, "data.synthetic_passkey_share=1.5"),
         (["data.synthetic_passkey_filler=-1"], None, "data.synthetic_passkey_filler=-1"),

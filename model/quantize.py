@@ -1,0 +1,166 @@
+"""4-bit NF4 base weights for QLoRA (`model.quantize=nf4`): bitsandbytes' NormalFloat4 with double quantization.
+
+What is stored in 4 bits: the attention projections (q, k, v, o) and every expert's weights (the fused
+`gate_up_proj` (E, 2F, H) and `down_proj` (E, H, F) of each MoE layer). What stays in the run's dtype: the
+embeddings, the LM head, the norms and the routers (a quantized router would flip top-2 choices).
+
+NF4 (QLoRA, Dettmers et al. 2023): each block of 64 consecutive weights w is stored as 4-bit indices into 16
+normal-distribution quantiles q_i ∈ [-1, 1] and one absmax a = max|w|: ŵ = q_i · a. Double quantization stores
+the absmaxes in 8 bits too (blocks of 256, an fp32 offset and scale each): 4 + 8/64 + 32/(64·256) ≈ 4.127 bits
+per weight. Quantization and dequantization are bitsandbytes' own (`quantize_4bit` / `dequantize_4bit`).
+
+Where the weights live:
+  * attention: `bitsandbytes.nn.Linear4bit` modules (peft puts its LoRA wrapper for 4-bit layers on them);
+  * experts: an `NF4Tensor` module in place of each fused parameter, read by the expert kernel
+    (model/experts.py), which dequantizes one layer's weights in its forward and again in its backward
+    (`frozen_grouped_linear`): the 16-bit copy of a layer's experts lives only while that layer computes.
+
+Quantization happens while the weights are read (model/load.py `_Filler`): each tensor is quantized as soon as
+it is filled, so a rank never holds more than one 16-bit tensor of the base at a time.
+
+The oracle (tests/unit/test_quantize.py, tests/distributed/test_qlora.py): a QLoRA run equals LoRA on the same
+model whose weights were replaced by their dequantized values — quantization changes storage, nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BLOCKSIZE = 64
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERTS = ("gate_up_proj", "down_proj")
+
+
+def quantized_name(name: str) -> bool:
+    """Whether the checkpoint tensor `name` (the model's own names, e.g. `model.layers.0.self_attn.q_proj.weight`,
+    `model.layers.0.mlp.experts.gate_up_proj`) is stored in 4 bits."""
+    parts = name.split(".")
+    if parts[-1] in EXPERTS and len(parts) > 1 and parts[-2] == "experts":
+        return True
+    return parts[-1] == "weight" and len(parts) > 1 and parts[-2] in ATTENTION
+
+
+def _quantize(weight: torch.Tensor):
+    import bitsandbytes.functional as F
+
+    return F.quantize_4bit(weight, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+
+
+class NF4Tensor(nn.Module):
+    """A frozen weight of any shape in NF4 with double quantization; `dequantize()` gives it back in the dtype
+    it was quantized from. Its buffers follow the module to another device, and keep their dtypes when the
+    module is cast (DeepSpeed casts a bf16 run's module with `.bfloat16()`: the fp32 scales would lose bits)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        packed, state = _quantize(weight.detach())
+        self.shape, self.dtype = tuple(weight.shape), weight.dtype
+        self.blocksize, self.blocksize2 = state.blocksize, state.state2.blocksize
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", state.absmax)     # uint8: the block scales, quantized
+        self.register_buffer("code", state.code)         # the 16 NF4 levels
+        self.register_buffer("offset", state.offset)
+        self.register_buffer("absmax2", state.state2.absmax)  # fp32 scales of the scales
+        self.register_buffer("code2", state.state2.code)
+
+    def dequantize(self) -> torch.Tensor:
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+
+        inner = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2, dtype=torch.float32)
+        state = QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=self.code, blocksize=self.blocksize,
+                           quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=inner)
+        return dequantize_4bit(self.packed, state)
+
+    def _apply(self, fn, recurse=True):
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = fn(buf).to(buf.dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, dtype={self.dtype}, nf4 blocksize={self.blocksize}"
+
+
+def linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
+    """A bias-free `bitsandbytes.nn.Linear4bit` holding `weight` (out, in) in NF4, computing in `compute_dtype`."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype), requires_grad=False, blocksize=BLOCKSIZE,
+                                     compress_statistics=True, quant_type="nf4")._quantize(weight.device)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at the first eval-mode forward for a
+    # kernel that computes in bf16 (logits off by ~1e-3 in an fp32 run, and the repacked data no longer
+    # dequantizes: an export after an eval forward wrote noise). Kept off: the 4-bit layer computes exactly
+    # x · dequantize(W)ᵀ in the compute dtype, in training and evaluation alike.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def store(model: nn.Module, name: str, value: torch.Tensor, compute_dtype: torch.dtype) -> None:
+    """Put checkpoint tensor `name` into `model` in 4 bits (`quantized_name(name)` must hold)."""
+    owner_path, attr = name.rsplit(".", 1)
+    if attr in EXPERTS:
+        experts = model.get_submodule(owner_path)
+        experts._parameters.pop(attr, None)
+        experts.add_module(attr, NF4Tensor(value.to(compute_dtype)))
+    else:  # `…self_attn.q_proj.weight`: the Linear itself is replaced
+        parent_path, child = owner_path.rsplit(".", 1)
+        model.get_submodule(parent_path).add_module(child, linear4bit(value, compute_dtype))
+
+
+def dequantized(weight) -> torch.Tensor:
+    """The full-precision value of a weight, quantized or not (a Parameter, `Params4bit` or `NF4Tensor`)."""
+    if isinstance(weight, NF4Tensor):
+        return weight.dequantize()
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.data
+
+
+def dequantize_model(model: nn.Module) -> None:
+    """Replace every 4-bit weight of `model` by a plain frozen tensor of its dequantized value (in place): the
+    oracle's model, and what an export of the trained base starts from."""
+    for path, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NF4Tensor):
+                delattr(module, name)
+                module.register_parameter(name, nn.Parameter(child.dequantize(), requires_grad=False))
+            elif type(child).__name__ == "Linear4bit":
+                linear = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                linear.weight = nn.Parameter(dequantized(child.weight).to(child.compute_dtype), requires_grad=False)
+                setattr(module, name, linear)
+
+
+class _FrozenGroupedLinear(torch.autograd.Function):
+    """y = x_S · W_eᵀ per expert block (transformers' `_grouped_linear`) with W = `nf4.dequantize()` computed in
+    the forward and again in the backward, never saved: dx = dy_S · W_e, and no gradient for the frozen W."""
+
+    @staticmethod
+    def forward(ctx, x, nf4: NF4Tensor, offsets, is_transposed: bool):
+        from transformers.integrations.moe import _grouped_linear
+
+        ctx.nf4, ctx.is_transposed = nf4, is_transposed
+        ctx.save_for_backward(offsets)
+        return _grouped_linear(x, nf4.dequantize(), offsets, is_transposed=is_transposed)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from transformers.integrations.moe import _grouped_linear
+
+        (offsets,) = ctx.saved_tensors
+        grad_x = _grouped_linear(grad_out.contiguous(), ctx.nf4.dequantize(), offsets, is_transposed=not ctx.is_transposed)
+        return grad_x, None, None, None
+
+
+def grouped_linear(x: torch.Tensor, weight, offsets: torch.Tensor, is_transposed: bool) -> torch.Tensor:
+    """The expert kernel's projection: a 4-bit weight through `_FrozenGroupedLinear`, a plain one as before."""
+    if isinstance(weight, NF4Tensor):
+        return _FrozenGroupedLinear.apply(x, weight, offsets, is_transposed)
+    from transformers.integrations.moe import _grouped_linear
+
+    return _grouped_linear(x, weight, offsets, is_transposed=is_transposed)

@@ -1,0 +1,74 @@
+"""QLoRA (model.quantize=nf4) stage runs against their oracle: quantization changes storage, nothing else.
+
+A QLoRA run from a 16-bit folder must train exactly like a LoRA run from the folder of its dequantized
+weights (the same model, stored in 16 bits): same losses at every step (router losses on, AdamW, fp32,
+1e-5 relative), and the same adapters. The unit-level twin is tests/unit/test_quantize.py.
+"""
+
+import pytest
+import torch
+
+from helpers import losses, metrics, run_stage
+
+pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.distributed
+
+COMMON = ["max_steps=5", "lora.enabled=true", "lora.train_router=true", "optim.lr=1e-2", "optim.schedule=constant",
+          "optim.warmup_steps=0", "global_batch_size=8", "micro_batch_size=2", "max_seq_len=64", "logging=none",
+          "router.aux_loss_coef=0.02", "router.z_loss_coef=0.001"]
+STAGE = {"sft": ["recipe=tiny/sft", "data.synthetic_samples=64"],
+         "dpo": ["recipe=tiny/dpo", "data.synthetic_samples=16", "dpo.reference=adapters_off", "lora.train_router=false"]}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(a tiny Mixtral in 16 bits, the same model with its weights replaced by their NF4-dequantized values)."""
+    from omegaconf import OmegaConf
+
+    from model import quantize
+    from model.build import build_model
+    from train.config import compose
+
+    root = tmp_path_factory.mktemp("qlora")
+    preset = OmegaConf.to_container(compose("sft", ["recipe=tiny/sft"]).model)
+    build_model(preset, seed=5).save_pretrained(root / "base")
+    model = build_model({**preset, "quantize": "nf4"}, model_path=root / "base")
+    quantize.dequantize_model(model)
+    model.save_pretrained(root / "dequantized")
+    return root / "base", root / "dequantized"
+
+
+def _adapters(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_qlora_trains_like_lora_on_the_dequantized_model(stage, folders, tmp_path):
+    base, dequantized = folders
+    q, o = tmp_path / "qlora", tmp_path / "lora"
+    proc = run_stage(stage, q, [*STAGE[stage], *COMMON, f"model_path={base}", "model.quantize=nf4"], nproc=1)
+    run_stage(stage, o, [*STAGE[stage], *COMMON, f"model_path={dequantized}", "export=false"], nproc=1)
+    got, want = losses(q), losses(o)
+    assert abs(want[-1] - want[0]) > 1e-3, want  # the adapters really train
+    assert got == pytest.approx(want, rel=1e-5), (got, want)
+    a, b = _adapters(q), _adapters(o)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert "export check: " in proc.stdout  # the merged export (the dequantized base + adapters) passed it
+    if stage == "dpo":
+        assert metrics(q)[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # adapters-off reference == policy
+
+
+@pytest.mark.layouts
+def test_qlora_data_parallel_zero2_equals_one_rank(folders, tmp_path):
+    """The 4-bit base replicated on 2 ranks (ZeRO-2 shards the adapters' optimizer states): one rank's losses."""
+    base, _ = folders
+    one, two = tmp_path / "one", tmp_path / "two"
+    exact = ["router.aux_loss_coef=0", "router.z_loss_coef=0", "optim.name=sgd", "optim.grad_clip=0", "export=false"]
+    run_stage("sft", one, [*STAGE["sft"], *COMMON, *exact, f"model_path={base}", "model.quantize=nf4"], nproc=1)
+    run_stage("sft", two, [*STAGE["sft"], *COMMON, *exact, f"model_path={base}", "model.quantize=nf4",
+                           "deepspeed=zero2"], nproc=2)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)

@@ -1,0 +1,118 @@
+"""NF4 base weights (model/quantize.py): storage changes, nothing else.
+
+The oracle is the same model whose weights were replaced by their dequantized values (`dequantize_model`):
+logits, losses and LoRA gradients must be equal; bitsandbytes' own `dequantize_4bit` is the reference for the
+stored values.
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from model import quantize  # noqa: E402
+
+
+def _tiny(quantized: str = "none", dtype=torch.float32):
+    from omegaconf import OmegaConf
+
+    from model.build import build_model
+    from train.config import compose
+
+    preset = OmegaConf.to_container(compose("sft", ["recipe=tiny/sft", f"model.quantize={quantized}"]).model)
+    return build_model(preset, seed=3, dtype=dtype)
+
+
+def test_nf4_tensor_equals_bitsandbytes_and_keeps_its_dtypes_when_cast():
+    import bitsandbytes.functional as F
+
+    w = torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(0))
+    t = quantize.NF4Tensor(w)
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(t.dequantize(), F.dequantize_4bit(packed, state))
+    err = (t.dequantize() - w).norm() / w.norm()
+    assert 0.01 < err < 0.15  # 4 bits: lossy (NF4 on normal weights: ~10% relative RMS), but close
+    dtypes = {n: b.dtype for n, b in t.named_buffers()}
+    t.bfloat16()  # what DeepSpeed does to a bf16 run's module
+    assert {n: b.dtype for n, b in t.named_buffers()} == dtypes
+    assert t.dequantize().dtype == torch.float32 and t.packed.numel() * 2 == w.numel()
+
+
+def test_quantized_tiny_model_stores_4_bits_where_it_should():
+    model = _tiny("nf4")
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["model.layers.0.self_attn.q_proj"] == "Linear4bit"
+    assert kinds["model.layers.0.mlp.experts.gate_up_proj"] == "NF4Tensor"
+    assert kinds["model.layers.0.mlp.experts.down_proj"] == "NF4Tensor"
+    floats = {n for n, p in model.named_parameters() if p.is_floating_point()}
+    assert floats == {n for n in floats if any(k in n for k in ("embed_tokens", "lm_head", "norm", "mlp.gate"))}, floats
+    # the 4-bit values are those of the 16-bit weights the same seed draws
+    plain = _tiny("none")
+    w = plain.model.layers[1].mlp.experts.down_proj.data
+    got = model.model.layers[1].mlp.experts.down_proj.dequantize()
+    assert torch.equal(got, quantize.NF4Tensor(w).dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_equals_lora_on_the_dequantized_model(dtype):
+    """Forward, loss and every adapter gradient of a LoRA model over the 4-bit base equal those over the
+    dequantized base (the expert kernel's recomputed dequantization included)."""
+    from omegaconf import OmegaConf
+
+    from model.lora import apply_lora
+
+    lora = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                             "experts": False, "train_router": True})
+    q = _tiny("nf4", dtype)
+    oracle = copy.deepcopy(q)
+    quantize.dequantize_model(oracle)
+    assert not any(type(m).__name__ in ("Linear4bit", "NF4Tensor") for m in oracle.modules())
+    torch.manual_seed(0)
+    q = apply_lora(q, lora, dtype)
+    torch.manual_seed(0)
+    oracle = apply_lora(oracle, lora, dtype)
+    theirs = dict(oracle.named_parameters())
+    for n, a in q.named_parameters():  # the same adapters, made non-zero
+        if "lora_" in n:
+            with torch.no_grad():
+                a.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
+                theirs[n].copy_(a)
+    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+    out_q, out_o = q(ids, labels=ids), oracle(ids, labels=ids)
+    out_q.loss.backward()
+    out_o.loss.backward()
+    tol = 0 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out_q.logits, out_o.logits, atol=tol, rtol=tol)
+    grads = {n: p.grad for n, p in q.named_parameters() if p.requires_grad}
+    assert len(grads) > 10 and all(g is not None for g in grads.values())
+    for n, p in oracle.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-6 if dtype == torch.float32 else 2e-2, rtol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_expert_kernel_keeps_no_dequantized_weights_for_backward():
+    """What autograd saves in an MoE layer's forward: over the 4-bit experts, nothing of the size of a
+    layer's 16-bit expert weights (the kernel dequantizes again in the backward)."""
+    model = _tiny("nf4")
+    block = model.model.layers[0].mlp
+    e = model.config
+    weight_numel = e.num_local_experts * e.intermediate_size * e.hidden_size
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    x = torch.randn(1, 16, e.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(x)
+    y[0].sum().backward() if isinstance(y, tuple) else y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert saved and max(saved) < weight_numel, (max(saved), weight_numel)
+    plain = _tiny("none").model.layers[0].mlp
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        plain(x)
+    assert max(saved) >= weight_numel  # the plain kernel does keep them: the check above can fail
