@@ -66,18 +66,21 @@ def plan(cfg, gpus: int, gpu_memory_gb: float, host_memory_gb: float, nodes: int
     per_node = max(1, gpus // nodes)
     tokens = tokens_per_micro_batch(cfg)
     ckpt = bool(cfg.model.gradient_checkpointing)
-    base = dict(dtype_bytes=dtype_bytes, optimizer=cfg.optim.name, lora=bool(cfg.lora.enabled))
+    quantized = cfg.model.quantize == "nf4"
+    base = dict(dtype_bytes=dtype_bytes, optimizer=cfg.optim.name, lora=bool(cfg.lora.enabled), quantized=quantized)
     layouts = [("recipe", layout_of(cfg, gpus, DTYPES[dtype_bytes]))]
     for world in (gpus, 2 * gpus):
-        for stage in (2, 3):
+        for stage in ((0, 2) if quantized else (2, 3)):  # a 4-bit base: ZeRO 0-2 (train/checks.py)
             # (expert adapters or sequence parallelism with expert parallelism are refused: train/checks.py)
             for ep in [e for e in (1, 2, 4, 8, 16) if config.num_local_experts % e == 0 and world % e == 0
-                       and (e == 1 or not ((cfg.lora.enabled and cfg.lora.experts) or cfg.sequence_parallel_size > 1))]:
-                for offload in (False, True):
+                       and (e == 1 or not ((cfg.lora.enabled and cfg.lora.experts) or cfg.sequence_parallel_size > 1
+                                            or quantized))]:
+                for offload in (False, True) if stage else (False,):  # offload needs ZeRO >= 1
                     layouts.append(("", Layout(world=world, zero_stage=stage, ep_size=ep, offload_optimizer=offload, **base)))
     size = (lambda n: f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M")
     lines = [f"model: {source}: {size(counts['total'])} parameters ({size(counts['experts'])} in experts); "
-             f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'}, {cfg.optim.name}, {8 * dtype_bytes}-bit weights; "
+             f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'}, {cfg.optim.name}, {8 * dtype_bytes}-bit weights"
+             f"{' (attention and experts in 4-bit NF4)' if quantized else ''}; "
              f"micro-batch {cfg.micro_batch_size} × {cfg.max_seq_len} tokens{' × 2 (chosen, rejected)' if cfg.stage == 'dpo' else ''}"
              + (f" shared by {cfg.sequence_parallel_size} sequence-parallel ranks ({tokens} tokens per rank)"
                 if cfg.sequence_parallel_size > 1 else "") + ", "
@@ -153,7 +156,8 @@ def recipe_line(recipe: str, gpus: int, nodes: int, gpu_memory_gb: float = 80.0)
     r = row(config, layout_of(cfg, gpus, DTYPES[2]), tokens_per_micro_batch(cfg), bool(cfg.model.gradient_checkpointing),
             cfg.stage == "dpo")
     fits = r["gpu"] <= 0.9 * gpu_memory_gb * GB
-    return (f"plan (python train/plan.py recipe={recipe} gpus={gpus} nodes={nodes}): {r['gpu'] / GB:.1f} GB per GPU "
+    memory = "" if gpu_memory_gb == 80.0 else f" gpu_memory_gb={gpu_memory_gb:g}"
+    return (f"plan (python train/plan.py recipe={recipe} gpus={gpus} nodes={nodes}{memory}): {r['gpu'] / GB:.1f} GB per GPU "
             f"(weights {r['weights'] / GB:.1f}, gradients {r['gradients'] / GB:.1f}, optimizer {r['optimizer'] / GB:.1f}, "
             f"gathered {r['gathered'] / GB:.1f}, activations {r['act_ckpt' if cfg.model.gradient_checkpointing else 'act_full'] / GB:.1f}, "
             f"all-to-all {r['a2a'] / GB:.1f}): {'fits' if fits else 'does NOT fit'} {gpu_memory_gb:g} GB")

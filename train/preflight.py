@@ -35,7 +35,8 @@ def layout_of(cfg, world: int, dtype: torch.dtype) -> Layout:
     zero = (cfg.deepspeed or {}).get("zero_optimization", {})
     return Layout(world=world, zero_stage=int(zero.get("stage", 0)), ep_size=cfg.expert_parallel_size,
                   dtype_bytes=torch.finfo(dtype).bits // 8, optimizer=cfg.optim.name, lora=cfg.lora.enabled,
-                  offload_optimizer=bool(zero.get("offload_optimizer")), offload_params=bool(zero.get("offload_param")))
+                  offload_optimizer=bool(zero.get("offload_optimizer")), offload_params=bool(zero.get("offload_param")),
+                  quantized=cfg.model.get("quantize", "none") == "nf4")
 
 
 def tokens_per_micro_batch(cfg) -> int:
