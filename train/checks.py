@@ -128,6 +128,11 @@ def validate(cfg, world_size: int | None = None) -> None:
         _one_of("dpo.reference", cfg.dpo.reference, ("precomputed", "live", "adapters_off"))
         if cfg.dpo.reference == "adapters_off" and not cfg.lora.enabled:
             raise ConfigError("dpo.reference=adapters_off needs lora.enabled=true")
+        if cfg.dpo.reference == "adapters_off" and cfg.lora.train_router and cfg.expert_parallel_size > 1:
+            raise ConfigError("dpo.reference=adapters_off with lora.train_router=true and expert_parallel_size>1: "
+                              "DeepSpeed's expert-parallel layer keeps one router, the trained one, so disabling the "
+                              "adapters would not restore the reference's router; use lora.train_router=false, or "
+                              "dpo.reference=precomputed")
         if cfg.dpo.beta <= 0:
             raise ConfigError(f"dpo.beta={cfg.dpo.beta}: must be > 0")
         if cfg.dpo.dpop_lambda < 0:

@@ -62,6 +62,10 @@ def _error_text(overrides, world_size=None):
         (["max_seq_len=100000"], None, "max_seq_len"),
         (["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"], None, "offload_param"),
         (["lora.enabled=true", "lora.experts=true", "expert_parallel_size=2"], None, "lora.experts=true with expert_parallel_size>1"),
+        (["model.quantize=nf4"], None, "model.quantize=nf4 needs lora.enabled=true"),
+        (["model.quantize=int4", "lora.enabled=true"], None, "model.quantize=int4: one of none, nf4"),
+        (["model.quantize=nf4", "lora.enabled=true", "deepspeed=zero3"], None, "model.quantize=nf4 with ZeRO-3"),
+        (["model.quantize=nf4", "lora.enabled=true", "expert_parallel_size=2"], None, "model.quantize=nf4 with expert_parallel_size>1"),
         (["lora.enabled=true", "lora.experts=true", "deepspeed=zero3"], None, "lora.experts=true with ZeRO-3"),
         (["data.synthetic_passkey_share=1.5"], None, "data.synthetic_passkey_share=1.5"),
         (["data.synthetic_passkey_filler=-1"], None, "data.synthetic_passkey_filler=-1"),
@@ -87,7 +91,9 @@ def test_recipe_with_unknown_key_fails(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, needle", [(["dpo.beta=0"], "dpo.beta=0"), (["dpo.dpop_lambda=-1"], "dpo.dpop_lambda=-1"),
-                                               (["dpo.loss_type=kto"], "dpo.loss_type")])
+                                               (["dpo.loss_type=kto"], "dpo.loss_type"),
+                                               (["lora.enabled=true", "lora.train_router=true", "dpo.reference=adapters_off",
+                                                 "expert_parallel_size=2"], "with lora.train_router=true and expert_parallel_size>1")])
 def test_dpo_config_errors_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as err:
         validate(compose("dpo", overrides))
