@@ -129,7 +129,7 @@ def fp32_master_shared():
 
 @contextlib.contextmanager
 def frozen_experts_dense():
-    """Around `deepspeed.initialize`: ZeRO-1/2 under expert parallelism with every expert weight frozen (LoRA
+    """Around `deepspeed.initialize`: ZeRO-1 under expert parallelism with every expert weight frozen (LoRA
     on attention) trains like a dense model. DeepSpeed's ZeRO-1/2 optimizer asserts that a model with MoE layers
     has an optimizer group marked "moe", and its engine drops empty groups first, so a LoRA run had no way to
     start; the frozen experts have no gradients to reduce over their expert-data-parallel group, and every

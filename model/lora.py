@@ -11,11 +11,13 @@ What combines with what (checked in train.config.validate):
     93 GB / 8 GPUs ≈ 12 GB each) and the export gathers each weight and merges W + B·A·α/r itself.
   * Expert adapters (`lora.experts=true`) need ZeRO 0-2 and no expert parallelism: peft merges them
     (`merge_and_unload`), and AutoEP replaces the fused expert weights they wrap.
-  * Attention adapters (and a trained router) with expert parallelism, ZeRO 0-3: each rank holds its own
-    experts, frozen. AutoEP finds the MoE blocks under peft's `base_model.model.` prefix
-    (model/distributed.py), ZeRO-1/2 train the adapters as a dense model's (`frozen_experts_dense`), and a
+  * Attention adapters (and a trained router) with expert parallelism under ZeRO-0/1: each rank holds its
+    own experts, frozen. AutoEP finds the MoE blocks under peft's `base_model.model.` prefix
+    (model/distributed.py), ZeRO-1 trains the adapters as a dense model's (`frozen_experts_dense`), and a
     trained router, which AutoEP rebuilds inside its own module, is written into the adapter folder under
-    peft's name for it (`save_adapter`). Tested equal to one rank (tests/distributed/test_layouts.py).
+    peft's name for it (`save_adapter`). Tested equal to one rank, and resumed exactly
+    (tests/distributed/test_layouts.py). Not under ZeRO-3 (DeepSpeed refuses to checkpoint frozen AutoEP
+    experts) nor ZeRO-2 (its resume did not continue exactly).
 
 Outputs: `<output_dir>/adapter/` in PEFT format (adapter_config.json + adapter_model.safetensors,
 loadable with `PeftModel.from_pretrained`), and the merged HF export in `<output_dir>/hf/`.

@@ -112,8 +112,11 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
         run.print(f"[{cfg.stage}] resumed from {run.resume_from} at step {step} (random states start afresh "
                   f"from seed {cfg.seed}: the old ranks' states do not map onto the new ones)")
         return step, {"step": step}
+    # A 4-bit base (model.quantize=nf4) is read again from model_path, not from the checkpoint: bitsandbytes'
+    # Linear4bit writes its quantization state beside each weight (`weight.absmax`, ...), keys that a module
+    # loaded afresh has no slot for; the trainable adapters are in the checkpoint as always.
     with safe_checkpoint_loading(engine):
-        path, client = engine.load_checkpoint(str(ckpt), tag=tag)
+        path, client = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=cfg.model.quantize == "none")
     if path is None:
         raise RuntimeError(f"could not load checkpoint {ckpt / tag}")
     step = int(client["step"])

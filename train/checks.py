@@ -120,6 +120,10 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("lora.experts=true with expert_parallel_size>1: DeepSpeed's expert-parallel MoE modules "
                           "replace the fused expert weights that peft's expert adapters wrap; use attention adapters "
                           "(lora.experts=false) with expert parallelism, or expert adapters with expert_parallel_size=1")
+    if cfg.lora.enabled and cfg.expert_parallel_size > 1 and stage >= 2:
+        raise ConfigError(f"lora.enabled=true with expert_parallel_size>1 under ZeRO-{stage}: DeepSpeed cannot checkpoint "
+                          "frozen expert-parallel experts under ZeRO-3, and a ZeRO-2 resume does not continue exactly; "
+                          "LoRA with expert parallelism runs under deepspeed=zero0 or zero1")
     if cfg.lora.enabled and cfg.lora.experts and stage == 3:
         raise ConfigError("lora.experts=true with ZeRO-3: expert adapters are merged by peft, which needs the full "
                           "expert weights in place; use deepspeed=zero2, or attention-only adapters (lora.experts=false)")

@@ -87,3 +87,15 @@ def test_qlora_data_parallel_zero2_equals_one_rank(folders, tmp_path):
     run_stage("sft", two, [*STAGE["sft"], *COMMON, *exact, f"model_path={base}", "model.quantize=nf4",
                            "deepspeed=zero2"], nproc=2)
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+
+
+def test_qlora_resume_continues_exactly(folders, tmp_path):
+    """Stopped after 2 steps and resumed: steps 3-4 equal the uninterrupted run's. The 4-bit base is read again
+    from model_path (its quantization state is not the checkpoint's to restore); the adapters and their AdamW
+    states come from the checkpoint."""
+    base, _ = folders
+    common = [*STAGE["sft"], *COMMON, f"model_path={base}", "model.quantize=nf4", "checkpoint_every=1", "export=false"]
+    run_stage("sft", tmp_path / "cut", [*common, "max_steps=2"], nproc=1)
+    run_stage("sft", tmp_path / "cut", [*common, "max_steps=4", "resume=true"], nproc=1)
+    run_stage("sft", tmp_path / "whole", [*common, "max_steps=4"], nproc=1)
+    assert losses(tmp_path / "cut")[-2:] == losses(tmp_path / "whole")[2:4]

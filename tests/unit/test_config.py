@@ -62,6 +62,7 @@ def _error_text(overrides, world_size=None):
         (["max_seq_len=100000"], None, "max_seq_len"),
         (["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"], None, "offload_param"),
         (["lora.enabled=true", "lora.experts=true", "expert_parallel_size=2"], None, "lora.experts=true with expert_parallel_size>1"),
+        (["lora.enabled=true", "expert_parallel_size=2", "deepspeed=zero2"], None, "LoRA with expert parallelism runs under deepspeed=zero0 or zero1"),
         (["model.quantize=nf4"], None, "model.quantize=nf4 needs lora.enabled=true"),
         (["model.quantize=int4", "lora.enabled=true"], None, "model.quantize=int4: one of none, nf4"),
         (["model.quantize=nf4", "lora.enabled=true", "deepspeed=zero3"], None, "model.quantize=nf4 with ZeRO-3"),
@@ -93,7 +94,8 @@ def test_recipe_with_unknown_key_fails(tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides, needle", [(["dpo.beta=0"], "dpo.beta=0"), (["dpo.dpop_lambda=-1"], "dpo.dpop_lambda=-1"),
                                                (["dpo.loss_type=kto"], "dpo.loss_type"),
                                                (["lora.enabled=true", "lora.train_router=true", "dpo.reference=adapters_off",
-                                                 "expert_parallel_size=2"], "with lora.train_router=true and expert_parallel_size>1")])
+                                                 "expert_parallel_size=2", "deepspeed=zero1"],
+                                                "with lora.train_router=true and expert_parallel_size>1")])
 def test_dpo_config_errors_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as err:
         validate(compose("dpo", overrides))
