@@ -254,7 +254,9 @@ def _end_distributed(status: int, program: bool) -> None:
     of an interpreter being torn down, are unwound into `std::terminate` — a rank whose work and files were all
     done then dies with `terminate called without an active exception` (SIGABRT) and torchrun reports the run
     failed. Everything a run writes is written and closed before this point (metrics, checkpoints, exports,
-    wandb's finish), so the process ends with os._exit after flushing its streams."""
+    wandb's finish), so the process ends with os._exit once the atexit functions have run (while the
+    interpreter is whole: a wrapper's, such as bench/_common.py's peak-RSS report) and its streams are flushed."""
+    import atexit
     import logging
 
     import torch.distributed as dist
@@ -263,6 +265,7 @@ def _end_distributed(status: int, program: bool) -> None:
         return
     dist.destroy_process_group()
     if program:
+        atexit._run_exitfuncs()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
