@@ -75,6 +75,37 @@ def trainer_clock():
     return Clock()
 
 
+def trl_sft_inputs(args: dict):
+    """What a TRL SFT worker trains on: the token ids our encoder wrote (`args["data"]`, JSONL of input_ids and
+    labels) as a dataset with completion masks, and the Mixtral v1 tokenizer (`args["tokenizer"]`) for padding."""
+    import datasets
+    from transformers import LlamaTokenizer
+
+    rows = [json.loads(l) for l in open(args["data"])]
+    ds = datasets.Dataset.from_list([{"input_ids": r["input_ids"],
+                                      "completion_mask": [int(l != -100) for l in r["labels"]]} for r in rows])
+    tok = LlamaTokenizer(vocab_file=args["tokenizer"], legacy=True)
+    tok.pad_token = tok.unk_token
+    return ds, tok
+
+
+def train_timed(trainer, clock, gas: int, steps: int) -> float:
+    """Run a TRL trainer counting the label tokens of every micro-batch it collates; its label tokens/s over
+    steps 2..N (`clock` from `trainer_clock` starts at step 2, as our stages' timings do)."""
+    import time
+
+    seen, collate = [], trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        seen.append(int((batch["labels"][:, 1:] != -100).sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    return sum(seen[gas:gas * steps]) / (time.time() - clock.t0)
+
+
 def peak_above_load(stage: str, ranks: int, overrides: list[str], out: Path, phases: tuple[str, ...]) -> float:
     """`torchrun` a stage (OMP_NUM_THREADS=1 per rank, RSS following allocations: MIXTRAL_TUNE_MMAP_THRESHOLD)
     and return the largest, over ranks, of its peak RSS in `phases` minus the RSS when loading began

@@ -5,15 +5,13 @@ prints one JSON line with tokens/s, losses, peak RSS and how many weights bitsan
 
 import json
 import sys
-import time
 
-import datasets
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaTokenizer
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
-from _common import trainer_clock
+from _common import trainer_clock, train_timed, trl_sft_inputs
 
 
 def peak_rss_mb() -> float:
@@ -24,11 +22,7 @@ def peak_rss_mb() -> float:
 
 
 args = json.loads(sys.argv[1])
-rows = [json.loads(l) for l in open(args["data"])]
-ds = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(l != -100) for l in r["labels"]]}
-                                 for r in rows])
-tok = LlamaTokenizer(vocab_file=args["tokenizer"], legacy=True)
-tok.pad_token = tok.unk_token
+ds, tok = trl_sft_inputs(args)
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
 model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.bfloat16, quantization_config=quant)
@@ -45,19 +39,6 @@ cfg = SFTConfig(output_dir=args["out"], per_device_train_batch_size=args["micro"
                 completion_only_loss=True, dataloader_num_workers=0, seed=0, data_seed=0,
                 gradient_checkpointing=True)
 trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock], peft_config=lora)
-seen = []
-collate = trainer.data_collator
-
-
-def counting_collator(examples):
-    batch = collate(examples)
-    seen.append(int((batch["labels"][:, 1:] != -100).sum()))
-    return batch
-
-
-trainer.data_collator = counting_collator
-trainer.train()
-elapsed = time.time() - clock.t0
-label_tokens = sum(seen[args["gas"]:args["gas"] * args["steps"]])  # steps 2..N, as timed
-print(json.dumps({"tokens_per_s": label_tokens / elapsed, "losses": clock.losses, "four_bit_share": four_bit / total,
+tokens_per_s = train_timed(trainer, clock, args["gas"], args["steps"])
+print(json.dumps({"tokens_per_s": tokens_per_s, "losses": clock.losses, "four_bit_share": four_bit / total,
                   "peak_rss_mb": peak_rss_mb()}))

@@ -7,21 +7,15 @@ see identical examples; prints one JSON line with tokens/s, loss and peak RSS.
 import json
 import resource
 import sys
-import time
 
-import datasets
 import torch
-from transformers import AutoModelForCausalLM, LlamaTokenizer
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from _common import trainer_clock
+from _common import trainer_clock, train_timed, trl_sft_inputs
 
 args = json.loads(sys.argv[1])
-rows = [json.loads(l) for l in open(args["data"])]
-ds = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(l != -100) for l in r["labels"]]}
-                                 for r in rows])
-tok = LlamaTokenizer(vocab_file=args["tokenizer"], legacy=True)
-tok.pad_token = tok.unk_token
+ds, tok = trl_sft_inputs(args)
 model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
 model.config.output_router_logits = False  # HF aux off on both sides' comparison of ce (ours: aux_loss_coef=0)
 
@@ -35,19 +29,6 @@ cfg = SFTConfig(output_dir=args["out"], per_device_train_batch_size=args["micro"
                 completion_only_loss=True, dataloader_num_workers=0, seed=0, data_seed=0,
                 dataset_kwargs={"skip_prepare_dataset": False})
 trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock])
-seen = []  # label tokens of every micro-batch the trainer collates
-collate = trainer.data_collator
-
-
-def counting_collator(examples):
-    batch = collate(examples)
-    seen.append(int((batch["labels"][:, 1:] != -100).sum()))
-    return batch
-
-
-trainer.data_collator = counting_collator
-trainer.train()
-elapsed = time.time() - clock.t0
-label_tokens = sum(seen[args["gas"]:args["gas"] * args["steps"]])  # steps 2..N, as timed
-print(json.dumps({"tokens_per_s": label_tokens / elapsed, "loss_last": clock.losses[-1], "losses": clock.losses,
+tokens_per_s = train_timed(trainer, clock, args["gas"], args["steps"])
+print(json.dumps({"tokens_per_s": tokens_per_s, "loss_last": clock.losses[-1], "losses": clock.losses,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
