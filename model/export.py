@@ -35,15 +35,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from model import sequence_parallel
-from model.quantize import NF4Tensor, dequantized
+from model.quantize import NF4Tensor, dequantized, is_quantized
 from model.weights import to_hub
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(w1|w2|w3)$")
 _LORA = re.compile(r"^(.*)\.lora_(A|B)\.default\.weight$")
-
-
-def quantized(p) -> bool:
-    return isinstance(p, NF4Tensor) or getattr(p, "quant_state", None) is not None
 
 
 def _rank() -> int:
@@ -153,7 +149,7 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
     lora: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
     for name, p in params:
-        full = dequantized(p).cpu() if quantized(p) else _gather_full(p)  # collective: every rank, same order
+        full = dequantized(p).cpu() if is_quantized(p) else _gather_full(p)  # collective: every rank, same order
         if rank != 0:
             continue
         if dtype is not None and full.is_floating_point():

@@ -31,7 +31,6 @@ from torch import nn
 from model import quantize
 from model.weights import Checkpoint
 
-_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -115,7 +114,7 @@ class _Filler:
                     p.ds_tensor[:stop - start].copy_(flat(start, stop).to(p.ds_tensor.dtype))
                 return
             shape = p.shape
-            if pl.ep_size > 1 and name.rsplit(".", 1)[-1] in _EXPERT_PARAMS:
+            if pl.ep_size > 1 and name.rsplit(".", 1)[-1] in quantize.EXPERTS:
                 per = shape[0] // pl.ep_size
                 a, b = pl.ep_rank * per, (pl.ep_rank + 1) * per
                 data = torch.empty(shape, dtype=self.dtype)  # other experts' pages stay untouched

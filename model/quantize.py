@@ -29,7 +29,7 @@ from torch import nn
 
 BLOCKSIZE = 64
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERTS = ("gate_up_proj", "down_proj")
+EXPERTS = ("gate_up_proj", "down_proj")  # a MoE layer's fused expert weights (transformers 5)
 
 
 def quantized_name(name: str) -> bool:
@@ -111,11 +111,16 @@ def store(model: nn.Module, name: str, value: torch.Tensor, compute_dtype: torch
         model.get_submodule(parent_path).add_module(child, linear4bit(value, compute_dtype))
 
 
+def is_quantized(weight) -> bool:
+    """Whether a weight is stored in 4 bits (an `NF4Tensor`, or bitsandbytes' `Params4bit`)."""
+    return isinstance(weight, NF4Tensor) or getattr(weight, "quant_state", None) is not None
+
+
 def dequantized(weight) -> torch.Tensor:
     """The full-precision value of a weight, quantized or not (a Parameter, `Params4bit` or `NF4Tensor`)."""
     if isinstance(weight, NF4Tensor):
         return weight.dequantize()
-    if getattr(weight, "quant_state", None) is not None:
+    if is_quantized(weight):
         import bitsandbytes.functional as F
 
         return F.dequantize_4bit(weight.data, weight.quant_state)
