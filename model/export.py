@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from model import sequence_parallel
 from model.quantize import NF4Tensor, dequantized, is_quantized
-from model.weights import to_hub
+from model.weights import Checkpoint, to_hub
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(w1|w2|w3)$")
 _LORA = re.compile(r"^(.*)\.lora_(A|B)\.default\.weight$")
@@ -125,7 +125,7 @@ class _ShardWriter:
 
 def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer_file: str | Path | None = None,
               dtype: torch.dtype | None = None, max_shard_bytes: int = 4 * 2**30, lora_scaling: float | None = None,
-              training_config: str | None = None, card: str | None = None) -> None:
+              training_config: str | None = None, card: str | None = None, base: Checkpoint | None = None) -> None:
     """Write `module` (an HF Mixtral, possibly under ZeRO-3 / AutoEP / peft) as an HF folder: config.json,
     hub-layout safetensors, generation_config.json (the defaults eval/generate.py uses: greedy, stop at </s>,
     pad with </s>), tokenizer.model with tokenizer.json, tokenizer_config.json (chat template) and
@@ -133,6 +133,8 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
     (the stage's fully resolved config) and `card` as README.md (the model card).
 
     All ranks must call this; rank 0 writes. `lora_scaling` (α/r) is needed to merge peft adapters.
+    `base`: the 16-bit folder a QLoRA run (model.quantize=nf4) quantized its base from: each 4-bit weight is
+    written from there, as it was before quantization (plus its merged adapter), not as its dequantized value.
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -142,14 +144,19 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
         tmp.mkdir(parents=True)
     writer = _ShardWriter(tmp, max_shard_bytes) if rank == 0 else None
 
-    # 4-bit base weights (model.quantize=nf4) are written dequantized: the model that trained, in 16 bits
+    # 4-bit base weights (model.quantize=nf4): the original 16-bit weights from `base`, else their dequantized values
     params = list(module.named_parameters()) + [(n, m) for n, m in module.named_modules() if isinstance(m, NF4Tensor)]
     names = {n for n, _ in params}
     pending_experts: dict[str, dict[str, torch.Tensor]] = {}
     lora: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
     for name, p in params:
-        full = dequantized(p).cpu() if is_quantized(p) else _gather_full(p)  # collective: every rank, same order
+        if is_quantized(p):  # every rank holds the whole 4-bit base (no ZeRO-3, no EP): rank 0 reads it alone
+            if rank != 0:
+                continue
+            full = base.full(_hf_name(name)) if base is not None else dequantized(p).cpu()
+        else:
+            full = _gather_full(p)  # collective: every rank, same order
         if rank != 0:
             continue
         if dtype is not None and full.is_floating_point():
@@ -273,7 +280,25 @@ def export_tolerance(dtype: torch.dtype) -> float:
     return max(1e-4, 4 * torch.finfo(dtype).eps)
 
 
-def verify_export(engine, out_dir: str | Path, probe=None, dtype: torch.dtype = torch.float32) -> dict:
+def requantized(base: Checkpoint, dtype: torch.dtype):
+    """The export check's view of a QLoRA export written from its 16-bit `base` (`export_hf(base=...)`): each
+    weight the run stored in 4 bits becomes W − W₀ + NF4(W₀), W₀ the base weight in the run's dtype and NF4(W₀)
+    the value the run computed with (bitsandbytes' quantization is deterministic). What is left is the merged
+    adapter on exactly the live base, so the check stays as tight as for any export, and catches an export that
+    wrote the dequantized base (its W − W₀ is the quantization error, not the adapter)."""
+    from model.quantize import NF4Tensor, quantized_name
+
+    def substitute(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not quantized_name(name):
+            return tensor
+        w0 = base.full(name).to(dtype)
+        return (tensor.float() - w0.float() + NF4Tensor(w0).dequantize().float()).to(dtype)
+
+    return substitute
+
+
+def verify_export(engine, out_dir: str | Path, probe=None, dtype: torch.dtype = torch.float32,
+                  base: Checkpoint | None = None) -> dict:
     """Compare the live model's logits with the exported folder's on the fixed probe batch (`probe_ids`).
 
     Like with like: the export's logits are computed in the run's `dtype` (what it was exported in), with the
@@ -283,7 +308,7 @@ def verify_export(engine, out_dir: str | Path, probe=None, dtype: torch.dtype = 
     Rank 0 runs the export layer by layer (`model.stream.streamed_logits`: one decoder layer's weights in
     memory at a time, whatever the model's size). Returns the evidence the stage logs, the same on every
     rank: {max_abs_diff, scale (max |live logit|, at least 1), live_sum (Σ live logits, to compare another
-    tool's logits with), tol, passed}.
+    tool's logits with), tol, passed}. `base`: a QLoRA export's 16-bit base (`requantized`).
     """
     from model.stream import streamed_logits
 
@@ -291,7 +316,7 @@ def verify_export(engine, out_dir: str | Path, probe=None, dtype: torch.dtype = 
     tol = export_tolerance(dtype)
     values = torch.zeros(3, dtype=torch.float64)
     if _rank() == 0:
-        ref = streamed_logits(out_dir, ids, dtype, routing).float()
+        ref = streamed_logits(out_dir, ids, dtype, routing, requantized(base, dtype) if base is not None else None).float()
         values = torch.tensor([(live - ref).abs().max().item(), max(1.0, live.abs().max().item()),
                                live.double().sum().item()], dtype=torch.float64)
     if dist.is_initialized():  # every rank learns the verdict, so that every rank ends the same way

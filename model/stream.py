@@ -19,11 +19,14 @@ from model.router import fp32_router_logits
 from model.weights import Checkpoint
 
 
-def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, substitute=None) -> None:
     for name, p in list(module.named_parameters()):
         owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
         attr = name.rsplit(".", 1)[-1]
-        owner._parameters[attr] = nn.Parameter(ckpt.full(prefix + name).to(dtype), requires_grad=False)
+        value = ckpt.full(prefix + name).to(dtype)
+        if substitute is not None:
+            value = substitute(prefix + name, value)
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
 class _ForcedRouting:
@@ -47,11 +50,13 @@ class _ForcedRouting:
 
 @torch.no_grad()
 def streamed_logits(folder: str | Path, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32,
-                    routing: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    routing: list[torch.Tensor] | None = None, substitute=None) -> torch.Tensor:
     """(B, S, V) logits of the HF folder's model on `input_ids` (one document per row, no padding), computed
     in `dtype` (routers in fp32, as in training: model/router.py). `routing`: one (B·S, K) tensor of expert
     indices per layer to use instead of the folder's own top-k choices (the export check replays the live
-    model's choices, so that a near-tie that rounds the other way in another kernel cannot move a logit)."""
+    model's choices, so that a near-tie that rounds the other way in another kernel cannot move a logit).
+    `substitute(name, tensor) -> tensor`: applied to each decoder-layer weight as it is read (the QLoRA export
+    check swaps each 16-bit base weight for its NF4 value: model/export.py `requantized`)."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 
@@ -67,7 +72,7 @@ def streamed_logits(folder: str | Path, input_ids: torch.Tensor, dtype: torch.dt
     position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
     rope = MixtralRotaryEmbedding(config)(hidden, position_ids)
     for i, layer in enumerate(inner.layers):
-        _materialise(layer, f"model.layers.{i}.", ckpt, dtype)
+        _materialise(layer, f"model.layers.{i}.", ckpt, dtype, substitute)
         fp32_router_logits(layer)
         if routing is None:
             hidden = layer(hidden, position_embeddings=rope, attention_mask=None, position_ids=position_ids)

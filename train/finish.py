@@ -50,7 +50,12 @@ def _export(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
     t0 = time.time()
     release_zero3_params(engine)
     probe = live_probe(engine) if cfg.verify_export else None  # before peft merges expert adapters in place
-    module, scaling = engine.module, None
+    module, scaling, base = engine.module, None, None
+    if cfg.model.quantize != "none" and cfg.model_path:  # QLoRA: the 4-bit base is written from its 16-bit original
+        from model.build import model_folder
+        from model.weights import Checkpoint
+
+        base = Checkpoint(model_folder(cfg.model_path))
     if cfg.lora.enabled:
         save_adapter(module, run.out / "adapter", run.main, cfg.model_path)
         if cfg.lora.experts:
@@ -63,12 +68,12 @@ def _export(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
                           parameter_counts(run.model_config)["total"], cfg.recipe_name, cfg.hub.repo_id,
                           tokenizer.version, run.resumes)
     export_hf(module, model.config, run.out / "hf", tokenizer.path, dtype=run.dtype, lora_scaling=scaling,
-              training_config=OmegaConf.to_yaml(cfg, resolve=True), card=card)
+              training_config=OmegaConf.to_yaml(cfg, resolve=True), card=card, base=base)
     run.print(f"[{cfg.stage}] exported {run.out / 'hf'} in {time.time() - t0:.1f}s")
     if run.main and faults.inject("corrupt_export", step):
         faults.swap_two_experts(run.out / "hf")
     if cfg.verify_export:
-        e = verify_export(engine, run.out / "hf", probe, run.dtype)
+        e = verify_export(engine, run.out / "hf", probe, run.dtype, base)
         evidence = (f"probe model.export.probe_ids(vocab {model.config.vocab_size}), 2 × {probe[0].shape[1]} tokens, "
                     f"{str(run.dtype).removeprefix('torch.')}; live logits sum {e['live_sum']:.6f}; "
                     f"max |logits(export) - logits(live)| = {e['max_abs_diff']:.2e} (tolerance {e['tol']:g} × {e['scale']:.3g})")

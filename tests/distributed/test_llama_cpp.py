@@ -28,11 +28,22 @@ def _need_converter():
         pytest.skip(f"llama.cpp's converter is not in {LLAMA_CPP} (set LLAMA_CPP_DIR; .ci/run fetches it)")
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf") / "sft"
-    run_stage("sft", out, ["recipe=tiny/sft", "max_steps=4", "deepspeed=zero0", "data.synthetic_samples=64"], nproc=1)
-    return out / "hf"
+@pytest.fixture(scope="module", params=["full", "qlora"])
+def export(request, tmp_path_factory):
+    """A full fine-tune's export, and a QLoRA run's (its 16-bit base read back from model_path, adapters merged)."""
+    root = tmp_path_factory.mktemp("gguf")
+    args = ["recipe=tiny/sft", "max_steps=4", "deepspeed=zero0", "data.synthetic_samples=64"]
+    if request.param == "qlora":
+        pytest.importorskip("bitsandbytes")
+        from omegaconf import OmegaConf
+
+        from model.build import build_model
+        from train.config import compose
+
+        build_model(OmegaConf.to_container(compose("sft", ["recipe=tiny/sft"]).model), seed=3).save_pretrained(root / "base")
+        args = [*args, f"model_path={root / 'base'}", "model.quantize=nf4", "lora.enabled=true", "max_steps=2"]
+    run_stage("sft", root / "sft", args, nproc=1)
+    return root / "sft" / "hf"
 
 
 @pytest.fixture(scope="module")

@@ -116,3 +116,33 @@ def test_expert_kernel_keeps_no_dequantized_weights_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         plain(x)
     assert max(saved) >= weight_numel  # the plain kernel does keep them: the check above can fail
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_check_sees_the_live_4_bit_base_under_the_original_weights(tmp_path, dtype):
+    """`requantized` turns an export written from the 16-bit base (W₀ + adapter) into what the run computed
+    with (NF4(W₀) + adapter) — exactly the live 4-bit layer's weight — and an export that wrote the dequantized
+    base instead stays off by the quantization error, so the export check fails it."""
+    from safetensors.torch import save_file
+
+    from model.export import requantized
+    from model.weights import Checkpoint
+
+    torch.manual_seed(0)
+    w0 = {"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 128) * 0.02,
+          "model.layers.0.mlp.experts.down_proj": torch.randn(8, 64, 96) * 0.02,
+          "model.layers.0.input_layernorm.weight": torch.ones(64)}
+    save_file(w0, str(tmp_path / "model.safetensors"))
+    substitute = requantized(Checkpoint(tmp_path), dtype)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    live = quantize.dequantized(quantize.linear4bit(w0[name].to(dtype), dtype).weight)  # the run's 4-bit q_proj
+    adapter = torch.randn(64, 128) * 1e-3
+    torch.testing.assert_close(substitute(name, (w0[name] + adapter).to(dtype)), (live.float() + adapter).to(dtype))
+    for name, w in w0.items():
+        nf4 = quantize.NF4Tensor(w.to(dtype)).dequantize() if quantize.quantized_name(name) else w.to(dtype)
+        wrong = substitute(name, nf4)  # an export of the dequantized base
+        if quantize.quantized_name(name):
+            error = (nf4.float() - w.float()).norm()
+            assert (wrong.float() - nf4.float()).norm() == pytest.approx(error.item(), rel=0.05) and error > 0
+        else:
+            assert torch.equal(wrong, nf4)  # what is not quantized is read as it is
