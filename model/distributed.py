@@ -150,6 +150,51 @@ def frozen_experts_dense():
         Zero12._configure_moe_settings = original
 
 
+@contextlib.contextmanager
+def quantized_expert_parallel():
+    """Around `deepspeed.initialize` for QLoRA under expert parallelism (model.quantize=nf4, EP > 1): each AutoEP
+    layer computes with this rank's 4-bit expert block. The loader kept that block in NF4 and left meta tensors
+    of the full shape in the HF experts' place (model/quantize.py `store_expert_block`); AutoEP's
+    `GroupedExperts` is built on the meta device and copies meta slices of them (no memory), and is replaced by
+    `QuantizedGroupedExperts` over the block as each layer is built. Nothing in 16 bits is allocated for the
+    experts."""
+    import deepspeed.module_inject.auto_ep_layer as autoep_layer
+    from deepspeed.module_inject.auto_ep import AutoEP
+
+    from model.quantize import QuantizedGroupedExperts, take_expert_blocks
+
+    original, grouped_experts = AutoEP._replace_moe_layer_without_retarget, autoep_layer.GroupedExperts
+
+    def meta_grouped_experts(*args, **kwargs):  # replaced at once: its weights are never allocated
+        with torch.device("meta"):
+            return grouped_experts(*args, **kwargs)
+
+    def replace(self, spec, ep_size, ep_rank, collect_sources=False):
+        blocks = take_expert_blocks(self.model.get_submodule(spec.moe_module_name).experts)
+        replacement, sources = original(self, spec, ep_size, ep_rank, collect_sources)
+        if blocks is not None:
+            first = blocks["gate_up_proj"].first
+            if first != replacement.ep_rank * replacement.num_local_experts:
+                raise RuntimeError(f"{spec.moe_module_name}: AutoEP placed expert block {replacement.ep_rank} on this "
+                                   f"rank, but experts from {first} were loaded")
+            replacement.experts = QuantizedGroupedExperts(blocks["gate_up_proj"], blocks["down_proj"])
+        return replacement, sources
+
+    AutoEP._replace_moe_layer_without_retarget, autoep_layer.GroupedExperts = replace, meta_grouped_experts
+    try:
+        yield
+    finally:
+        AutoEP._replace_moe_layer_without_retarget, autoep_layer.GroupedExperts = original, grouped_experts
+
+
+def settle_quantized_expert_parallel(engine) -> None:
+    """After `deepspeed.initialize` under `quantized_expert_parallel`: the engine treats the model as dense. Its
+    AutoEP layers hold no expert parameters (4-bit buffers, not in the state dict, read again from model_path on
+    resume), so DeepSpeed's per-expert checkpoint files have nothing to save (they expect `w1/w2/w3`), and every
+    trainable parameter (adapters, routers) is replicated and reduced over the whole data-parallel group."""
+    engine.has_moe_layers = False
+
+
 def settle_zero0(engine) -> None:
     """Right after `deepspeed.initialize`, two ZeRO-0 engines made as the stages expect them (no-op otherwise).
 

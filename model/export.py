@@ -35,7 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from model import sequence_parallel
-from model.quantize import NF4Tensor, dequantized, is_quantized
+from model.quantize import NF4Experts, dequantized, is_quantized
 from model.weights import Checkpoint, to_hub
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(w1|w2|w3)$")
@@ -145,7 +145,7 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
     writer = _ShardWriter(tmp, max_shard_bytes) if rank == 0 else None
 
     # 4-bit base weights (model.quantize=nf4): the original 16-bit weights from `base`, else their dequantized values
-    params = list(module.named_parameters()) + [(n, m) for n, m in module.named_modules() if isinstance(m, NF4Tensor)]
+    params = list(module.named_parameters()) + [(n, m) for n, m in module.named_modules() if isinstance(m, NF4Experts)]
     names = {n for n, _ in params}
     pending_experts: dict[str, dict[str, torch.Tensor]] = {}
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -286,13 +286,13 @@ def requantized(base: Checkpoint, dtype: torch.dtype):
     the value the run computed with (bitsandbytes' quantization is deterministic). What is left is the merged
     adapter on exactly the live base, so the check stays as tight as for any export, and catches an export that
     wrote the dequantized base (its W − W₀ is the quantization error, not the adapter)."""
-    from model.quantize import NF4Tensor, quantized_name
+    from model.quantize import quantized_name, roundtrip
 
     def substitute(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not quantized_name(name):
             return tensor
         w0 = base.full(name).to(dtype)
-        return (tensor.float() - w0.float() + NF4Tensor(w0).dequantize().float()).to(dtype)
+        return (tensor.float() - w0.float() + roundtrip(name, w0).float()).to(dtype)
 
     return substitute
 

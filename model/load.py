@@ -117,6 +117,9 @@ class _Filler:
             if pl.ep_size > 1 and name.rsplit(".", 1)[-1] in quantize.EXPERTS:
                 per = shape[0] // pl.ep_size
                 a, b = pl.ep_rank * per, (pl.ep_rank + 1) * per
+                if pl.quantize == "nf4":  # only this rank's experts, in 4 bits, for AutoEP's layer
+                    quantize.store_expert_block(self.model, name, rows(a, b).to(self.dtype), a, self.dtype)
+                    return
                 data = torch.empty(shape, dtype=self.dtype)  # other experts' pages stay untouched
                 data[a:b].copy_(rows(a, b))
             else:  # a fresh, aligned allocation: CPU kernels round differently on unaligned memory

@@ -11,12 +11,17 @@ per weight. Quantization and dequantization are bitsandbytes' own (`quantize_4bi
 
 Where the weights live:
   * attention: `bitsandbytes.nn.Linear4bit` modules (peft puts its LoRA wrapper for 4-bit layers on them);
-  * experts: an `NF4Tensor` module in place of each fused parameter, read by the expert kernel
-    (model/experts.py), which dequantizes one layer's weights in its forward and again in its backward
-    (`frozen_grouped_linear`): the 16-bit copy of a layer's experts lives only while that layer computes.
+  * experts: an `NF4Experts` module in place of each fused parameter, every expert quantized on its own (its
+    4-bit data and scales depend on no other expert, so a rank holding a block of experts under expert
+    parallelism holds exactly the values one rank holds for them). The expert kernel (model/experts.py, and
+    `QuantizedGroupedExperts` inside DeepSpeed's AutoEP layers) dequantizes one expert's weight at a time, in
+    the forward and again in the backward (`_FrozenGroupedLinear`): the 16-bit copy of one expert's
+    projection is the most that ever exists.
 
 Quantization happens while the weights are read (model/load.py `_Filler`): each tensor is quantized as soon as
-it is filled, so a rank never holds more than one 16-bit tensor of the base at a time.
+it is filled, so a rank never holds more than one 16-bit tensor of the base at a time; under expert parallelism
+a rank reads and quantizes only its own block of experts (`store_expert_block`), and AutoEP's layer receives
+them (model/distributed.py `quantized_expert_parallel`).
 
 The oracle (tests/unit/test_quantize.py, tests/distributed/test_qlora.py): a QLoRA run equals LoRA on the same
 model whose weights were replaced by their dequantized values — quantization changes storage, nothing else.
@@ -57,12 +62,12 @@ class NF4Tensor(nn.Module):
         packed, state = _quantize(weight.detach())
         self.shape, self.dtype = tuple(weight.shape), weight.dtype
         self.blocksize, self.blocksize2 = state.blocksize, state.state2.blocksize
-        self.register_buffer("packed", packed)
-        self.register_buffer("absmax", state.absmax)     # uint8: the block scales, quantized
-        self.register_buffer("code", state.code)         # the 16 NF4 levels
-        self.register_buffer("offset", state.offset)
-        self.register_buffer("absmax2", state.state2.absmax)  # fp32 scales of the scales
-        self.register_buffer("code2", state.state2.code)
+        # Not in the state dict: checkpoints hold what trains (the base is read again from model_path on resume),
+        # and under expert parallelism each rank's buffers are other experts (model/distributed.py)
+        for name, value in (("packed", packed), ("absmax", state.absmax),  # uint8: the block scales, quantized
+                            ("code", state.code), ("offset", state.offset),  # the 16 NF4 levels, the scales' mean
+                            ("absmax2", state.state2.absmax), ("code2", state.state2.code)):  # fp32 scales of the scales
+            self.register_buffer(name, value, persistent=False)
 
     def dequantize(self) -> torch.Tensor:
         from bitsandbytes.functional import QuantState, dequantize_4bit
@@ -80,6 +85,31 @@ class NF4Tensor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, dtype={self.dtype}, nf4 blocksize={self.blocksize}"
+
+
+class NF4Experts(nn.ModuleList):
+    """A fused (E, ·, ·) expert weight in NF4, one `NF4Tensor` per expert; `dequantize()` gives the (E, ·, ·)
+    tensor back, `self[e].dequantize()` one expert's. `first`: the index of its first expert in the layer (a
+    block of experts under expert parallelism)."""
+
+    def __init__(self, weight: torch.Tensor, first: int = 0):
+        super().__init__(NF4Tensor(w) for w in weight)
+        self.shape, self.dtype, self.first = tuple(weight.shape), weight.dtype, first
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.stack([t.dequantize() for t in self])
+
+    def extra_repr(self) -> str:
+        return f"experts {self.first}..{self.first + self.shape[0] - 1} of shape {self.shape[1:]}, {self.dtype}, nf4"
+
+
+def roundtrip(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The value a run computes with for checkpoint tensor `name` (`quantized_name(name)` holds) read as
+    `weight`: its NF4 quantization, dequantized (per expert for fused experts, whole for attention, as
+    bitsandbytes' `Linear4bit` quantizes). bitsandbytes' quantization is deterministic."""
+    if name.rsplit(".", 1)[-1] in EXPERTS:
+        return NF4Experts(weight).dequantize()
+    return NF4Tensor(weight).dequantize()
 
 
 def linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
@@ -105,20 +135,36 @@ def store(model: nn.Module, name: str, value: torch.Tensor, compute_dtype: torch
     if attr in EXPERTS:
         experts = model.get_submodule(owner_path)
         experts._parameters.pop(attr, None)
-        experts.add_module(attr, NF4Tensor(value.to(compute_dtype)))
+        experts.add_module(attr, NF4Experts(value.to(compute_dtype)))
     else:  # `…self_attn.q_proj.weight`: the Linear itself is replaced
         parent_path, child = owner_path.rsplit(".", 1)
         model.get_submodule(parent_path).add_module(child, linear4bit(value, compute_dtype))
 
 
+def store_expert_block(model: nn.Module, name: str, block: torch.Tensor, first: int, compute_dtype: torch.dtype) -> None:
+    """Expert parallelism: keep experts [first, first + len(block)) of fused expert tensor `name` in 4 bits, for
+    AutoEP's layer to take (`take_expert_blocks`), and leave a meta tensor of the full shape in the model's
+    place (AutoEP slices it: nothing is allocated for it)."""
+    owner_path, attr = name.rsplit(".", 1)
+    experts = model.get_submodule(owner_path)
+    shape = experts._parameters[attr].shape
+    experts._parameters[attr] = nn.Parameter(torch.empty(shape, dtype=compute_dtype, device="meta"), requires_grad=False)
+    experts.__dict__.setdefault("nf4_blocks", {})[attr] = NF4Experts(block.to(compute_dtype), first)
+
+
+def take_expert_blocks(experts: nn.Module) -> dict[str, NF4Experts] | None:
+    """The 4-bit expert blocks `store_expert_block` kept on an HF experts module (removed from it), or None."""
+    return experts.__dict__.pop("nf4_blocks", None)
+
+
 def is_quantized(weight) -> bool:
-    """Whether a weight is stored in 4 bits (an `NF4Tensor`, or bitsandbytes' `Params4bit`)."""
-    return isinstance(weight, NF4Tensor) or getattr(weight, "quant_state", None) is not None
+    """Whether a weight is stored in 4 bits (`NF4Experts`, `NF4Tensor`, or bitsandbytes' `Params4bit`)."""
+    return isinstance(weight, (NF4Tensor, NF4Experts)) or getattr(weight, "quant_state", None) is not None
 
 
 def dequantized(weight) -> torch.Tensor:
-    """The full-precision value of a weight, quantized or not (a Parameter, `Params4bit` or `NF4Tensor`)."""
-    if isinstance(weight, NF4Tensor):
+    """The full-precision value of a weight, quantized or not (a Parameter, `Params4bit`, `NF4Experts`)."""
+    if isinstance(weight, (NF4Tensor, NF4Experts)):
         return weight.dequantize()
     if is_quantized(weight):
         import bitsandbytes.functional as F
@@ -131,8 +177,10 @@ def dequantize_model(model: nn.Module) -> None:
     """Replace every 4-bit weight of `model` by a plain frozen tensor of its dequantized value (in place): the
     oracle's model, and what an export of the trained base starts from."""
     for path, module in list(model.named_modules()):
+        if isinstance(module, NF4Experts):
+            continue
         for name, child in list(module.named_children()):
-            if isinstance(child, NF4Tensor):
+            if isinstance(child, (NF4Tensor, NF4Experts)):
                 delattr(module, name)
                 module.register_parameter(name, nn.Parameter(child.dequantize(), requires_grad=False))
             elif type(child).__name__ == "Linear4bit":
@@ -141,31 +189,58 @@ def dequantize_model(model: nn.Module) -> None:
                 setattr(module, name, linear)
 
 
+def _per_expert(x: torch.Tensor, experts: NF4Experts, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Rows [offsets[e−1], offsets[e]) of x times expert e's weight W_e (transposed: x · W_e, else x · W_eᵀ),
+    each W_e dequantized just before its product and dropped after it. Rows past the last offset stay 0.
+    Bit for bit what transformers' `_grouped_linear` gives on the dequantized (E, ·, ·) tensor (tested)."""
+    out = x.new_zeros(x.shape[0], experts.shape[2] if transposed else experts.shape[1])
+    start = 0
+    for e, stop in enumerate(offsets.tolist()):
+        if stop > start:
+            w = experts[e].dequantize()
+            out[start:stop] = x[start:stop] @ (w if transposed else w.T)
+        start = stop
+    return out
+
+
 class _FrozenGroupedLinear(torch.autograd.Function):
-    """y = x_S · W_eᵀ per expert block (transformers' `_grouped_linear`) with W = `nf4.dequantize()` computed in
-    the forward and again in the backward, never saved: dx = dy_S · W_e, and no gradient for the frozen W."""
+    """y = x_S · W_eᵀ per expert block (transformers' `_grouped_linear`) over a 4-bit (E, ·, ·) weight whose
+    experts are dequantized one at a time in the forward and again in the backward, never saved:
+    dx = dy_S · W_e, and no gradient for the frozen W."""
 
     @staticmethod
-    def forward(ctx, x, nf4: NF4Tensor, offsets, is_transposed: bool):
-        from transformers.integrations.moe import _grouped_linear
-
-        ctx.nf4, ctx.is_transposed = nf4, is_transposed
+    def forward(ctx, x, experts: NF4Experts, offsets, is_transposed: bool):
+        ctx.experts, ctx.is_transposed = experts, is_transposed
         ctx.save_for_backward(offsets)
-        return _grouped_linear(x, nf4.dequantize(), offsets, is_transposed=is_transposed)
+        return _per_expert(x, experts, offsets, is_transposed)
 
     @staticmethod
     def backward(ctx, grad_out):
-        from transformers.integrations.moe import _grouped_linear
-
         (offsets,) = ctx.saved_tensors
-        grad_x = _grouped_linear(grad_out.contiguous(), ctx.nf4.dequantize(), offsets, is_transposed=not ctx.is_transposed)
-        return grad_x, None, None, None
+        return _per_expert(grad_out.contiguous(), ctx.experts, offsets, not ctx.is_transposed), None, None, None
 
 
 def grouped_linear(x: torch.Tensor, weight, offsets: torch.Tensor, is_transposed: bool) -> torch.Tensor:
     """The expert kernel's projection: a 4-bit weight through `_FrozenGroupedLinear`, a plain one as before."""
-    if isinstance(weight, NF4Tensor):
+    if isinstance(weight, NF4Experts):
         return _FrozenGroupedLinear.apply(x, weight, offsets, is_transposed)
     from transformers.integrations.moe import _grouped_linear
 
     return _grouped_linear(x, weight, offsets, is_transposed=is_transposed)
+
+
+class QuantizedGroupedExperts(nn.Module):
+    """The experts of a DeepSpeed AutoEP layer over this rank's 4-bit expert blocks, in place of its
+    `GroupedExperts` (same call: tokens sorted by local expert (T, H) and the per-expert counts (E_local,)):
+    out = down_e(silu(gate_e(x)) ⊙ up_e(x)) with gate_up_proj (E_local, 2F, H) (gate rows first) and
+    down_proj (E_local, H, F), each expert dequantized as it computes."""
+
+    def __init__(self, gate_up_proj: NF4Experts, down_proj: NF4Experts):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.num_experts = gate_up_proj.shape[0]
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+        gate, up = grouped_linear(x, self.gate_up_proj, offsets, False).chunk(2, dim=-1)
+        return grouped_linear(torch.nn.functional.silu(gate) * up, self.down_proj, offsets, False)

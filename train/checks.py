@@ -105,7 +105,8 @@ def validate(cfg, world_size: int | None = None) -> None:
     if cfg.model.quantize not in ("none", "nf4"):
         raise ConfigError(f"model.quantize={cfg.model.quantize}: one of none, nf4")
     if cfg.model.quantize == "nf4":
-        layouts = "1 rank, or data parallel under deepspeed=zero0/zero1/zero2 (the 4-bit base replicated)"
+        layouts = ("1 rank, data parallel under deepspeed=zero0/zero1/zero2 (the 4-bit base replicated), or "
+                   "expert_parallel_size>1 under zero0/zero1")
         if not cfg.lora.enabled:
             raise ConfigError("model.quantize=nf4 needs lora.enabled=true: a 4-bit base is frozen (QLoRA trains adapters)")
         if cfg.lora.experts:
@@ -113,9 +114,9 @@ def validate(cfg, world_size: int | None = None) -> None:
                               "weights; use attention adapters (lora.experts=false) over the 4-bit experts")
         if stage == 3:
             raise ConfigError(f"model.quantize=nf4 with ZeRO-3: DeepSpeed cannot partition 4-bit weights; QLoRA runs on {layouts}")
-        if cfg.expert_parallel_size > 1:
-            raise ConfigError(f"model.quantize=nf4 with expert_parallel_size>1: DeepSpeed's expert-parallel layers "
-                              f"hold 16-bit experts; QLoRA runs on {layouts}")
+        if cfg.expert_parallel_size > 1 and not cfg.model_path:
+            raise ConfigError("model.quantize=nf4 with expert_parallel_size>1 needs model_path: each rank reads and "
+                              "quantizes its own experts from the 16-bit folder, and the export reads them all from there")
     if cfg.lora.enabled and cfg.lora.experts and cfg.expert_parallel_size > 1:
         raise ConfigError("lora.experts=true with expert_parallel_size>1: DeepSpeed's expert-parallel MoE modules "
                           "replace the fused expert weights that peft's expert adapters wrap; use attention adapters "

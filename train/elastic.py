@@ -91,7 +91,8 @@ def canonical_name(name: str) -> str:
     """A parameter's name in the model without expert parallelism (AutoEP's w1/w3 map onto halves of
     gate_up_proj, handled by the callers)."""
     for ep, canon in ((".mlp.experts.w2", ".mlp.experts.down_proj"), (".mlp.router.gate.weight", ".mlp.gate.weight"),
-                      (".mlp.gate.gate.weight", ".mlp.gate.weight")):
+                      (".mlp.gate.gate.weight", ".mlp.gate.weight"),
+                      (".mlp.gate.modules_to_save.default.weight", ".mlp.gate.weight")):  # LoRA's trained router
         if name.endswith(ep):
             return name[: -len(ep)] + canon
     return name
@@ -283,6 +284,10 @@ def prepare(cfg, run, ds: dict, ckpt: Path, tags: list[Path], refuse) -> Path | 
     for key in changed(saved, now):
         refuse(f"resume=true: {tags[-1]} was written with {key}={saved[key]}, this run has {now[key]}; only the "
                f"world size, expert_parallel_size and the ZeRO stage may change on resume")
+    if saved["lora"] and saved["expert_parallel_size"] > 1 and cfg.model.quantize == "none":
+        refuse(f"resume=true: {tags[-1]} was written by LoRA under expert parallelism ({describe(saved)}); DeepSpeed's "
+               f"universal-checkpoint conversion cannot read its frozen expert-parallel experts, so it resumes on that "
+               f"layout only (QLoRA's 4-bit experts are not in its checkpoints: those resume on any layout)")
     if "optimizer_steps" not in saved:
         refuse(f"resume=true: {tags[-1]} was written on {describe(saved)} by a version that did not record its "
                f"optimizer's step count; resume it on that layout")

@@ -3,6 +3,7 @@ LM head that returns the loss (model/head.py), our AdamW and LR schedule, sequen
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -11,7 +12,8 @@ from omegaconf import OmegaConf
 
 from model import sequence_parallel
 from model.build import build_model, model_folder
-from model.distributed import deepspeed_config, fp32_master_shared, frozen_experts_dense, mark_moe_leaf_modules, settle_zero0, zero_stage
+from model.distributed import (deepspeed_config, fp32_master_shared, frozen_experts_dense, mark_moe_leaf_modules,
+                               quantized_expert_parallel, settle_quantized_expert_parallel, settle_zero0, zero_stage)
 from model.head import install_lm_head
 from model.load import Placement, check_expert_placement, expert_parallel_rank
 from model.router import fp32_router_logits
@@ -124,10 +126,14 @@ def build_engine(cfg, model, run: Run):
 
     mpu = sequence_parallel.setup(model, run.sp, cfg.micro_batch_size)
     run.grad_factor = sequence_parallel.gradient_factor(zero_stage(ds), run.sp)
-    with fp32_master_shared(), frozen_experts_dense():
+    quantized_ep = quantized_expert_parallel() if cfg.model.quantize != "none" and cfg.expert_parallel_size > 1 \
+        else contextlib.nullcontext()
+    with fp32_master_shared(), frozen_experts_dense(), quantized_ep:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=mpu,
                                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     settle_zero0(engine)
+    if cfg.model.quantize != "none" and cfg.expert_parallel_size > 1:
+        settle_quantized_expert_parallel(engine)
     fp32_router_logits(engine.module)  # AutoEP built new routers inside initialize
     check_expert_placement(engine.module, placement(cfg, run, ds))
     set_mmap_threshold((4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log.set_mmap_threshold

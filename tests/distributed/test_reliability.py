@@ -254,6 +254,26 @@ def test_resume_refuses_a_layout_change_it_cannot_continue_exactly(tmp_path):
     assert len(lines) == 1 and "written with global_batch_size=16, this run has 8" in lines[0], lines
 
 
+def test_resume_refuses_another_layout_for_lora_under_expert_parallelism(tmp_path):
+    """DeepSpeed's universal conversion cannot read frozen expert-parallel experts: a 16-bit LoRA checkpoint
+    written under EP resumes on its own layout only, said in one line (QLoRA's resume elsewhere:
+    tests/distributed/test_qlora.py)."""
+    import json
+
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step_2"
+    step.mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_2")
+    (step / "layout.json").write_text(json.dumps({"world_size": 2, "expert_parallel_size": 2, "zero_stage": 1,
+                                                  "global_batch_size": 8, "lora": True, "optimizer_steps": 2}))
+    proc = subprocess.run([sys.executable, "train/sft.py", f"output_dir={out}", "recipe=tiny/sft", *ELASTIC, "max_steps=4",
+                           "lora.enabled=true", "resume=true"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "written by LoRA under expert parallelism" in lines[0], lines
+
+
 def _interrupt_at(launcher: list[str], out, args: list[str], step: int):
     """Start a run with `launcher`, press Ctrl-C (SIGINT to its process group, as a terminal does) while it waits
     after `step` (fault `pause@step`); returns the finished process and its (stdout, stderr)."""

@@ -66,7 +66,7 @@ def _error_text(overrides, world_size=None):
         (["model.quantize=nf4"], None, "model.quantize=nf4 needs lora.enabled=true"),
         (["model.quantize=int4", "lora.enabled=true"], None, "model.quantize=int4: one of none, nf4"),
         (["model.quantize=nf4", "lora.enabled=true", "deepspeed=zero3"], None, "model.quantize=nf4 with ZeRO-3"),
-        (["model.quantize=nf4", "lora.enabled=true", "expert_parallel_size=2"], None, "model.quantize=nf4 with expert_parallel_size>1"),
+        (["model.quantize=nf4", "lora.enabled=true", "expert_parallel_size=2"], None, "expert_parallel_size>1 needs model_path"),
         (["lora.enabled=true", "lora.experts=true", "deepspeed=zero3"], None, "lora.experts=true with ZeRO-3"),
         (["data.synthetic_passkey_share=1.5"], None, "data.synthetic_passkey_share=1.5"),
         (["data.synthetic_passkey_filler=-1"], None, "data.synthetic_passkey_filler=-1"),

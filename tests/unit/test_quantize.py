@@ -44,15 +44,17 @@ def test_quantized_tiny_model_stores_4_bits_where_it_should():
     model = _tiny("nf4")
     kinds = {n: type(m).__name__ for n, m in model.named_modules()}
     assert kinds["model.layers.0.self_attn.q_proj"] == "Linear4bit"
-    assert kinds["model.layers.0.mlp.experts.gate_up_proj"] == "NF4Tensor"
-    assert kinds["model.layers.0.mlp.experts.down_proj"] == "NF4Tensor"
+    assert kinds["model.layers.0.mlp.experts.gate_up_proj"] == "NF4Experts"
+    assert kinds["model.layers.0.mlp.experts.down_proj"] == "NF4Experts"
     floats = {n for n, p in model.named_parameters() if p.is_floating_point()}
     assert floats == {n for n in floats if any(k in n for k in ("embed_tokens", "lm_head", "norm", "mlp.gate"))}, floats
     # the 4-bit values are those of the 16-bit weights the same seed draws
     plain = _tiny("none")
     w = plain.model.layers[1].mlp.experts.down_proj.data
     got = model.model.layers[1].mlp.experts.down_proj.dequantize()
-    assert torch.equal(got, quantize.NF4Tensor(w).dequantize())
+    assert torch.equal(got, torch.stack([quantize.NF4Tensor(w[e]).dequantize() for e in range(len(w))]))
+    # each expert on its own: a block of experts (expert parallelism) holds the values the whole tensor does
+    assert torch.equal(quantize.NF4Experts(w[4:6], first=4).dequantize(), got[4:6])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,7 +70,7 @@ def test_qlora_equals_lora_on_the_dequantized_model(dtype):
     q = _tiny("nf4", dtype)
     oracle = copy.deepcopy(q)
     quantize.dequantize_model(oracle)
-    assert not any(type(m).__name__ in ("Linear4bit", "NF4Tensor") for m in oracle.modules())
+    assert not any(type(m).__name__ in ("Linear4bit", "NF4Tensor", "NF4Experts") for m in oracle.modules())
     torch.manual_seed(0)
     q = apply_lora(q, lora, dtype)
     torch.manual_seed(0)
@@ -146,3 +148,34 @@ def test_export_check_sees_the_live_4_bit_base_under_the_original_weights(tmp_pa
             assert (wrong.float() - nf4.float()).norm() == pytest.approx(error.item(), rel=0.05) and error > 0
         else:
             assert torch.equal(wrong, nf4)  # what is not quantized is read as it is
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_by_expert_kernel_equals_grouped_gemm_on_the_dequantized_weights(dtype):
+    """Forward and input gradient of the 4-bit projection, one expert dequantized at a time, are bit for bit
+    transformers' grouped GEMM over the dequantized (E, ·, ·) weight (empty experts and trailing rows included);
+    DeepSpeed AutoEP's `GroupedExperts` on the same weights is the oracle of `QuantizedGroupedExperts`."""
+    from deepspeed.moe.ep_experts import GroupedExperts
+    from transformers.integrations.moe import _grouped_linear
+
+    torch.manual_seed(0)
+    gate_up, down = torch.randn(4, 2 * 48, 32).to(dtype) * 0.1, torch.randn(4, 32, 48).to(dtype) * 0.1
+    q_gate_up, q_down = quantize.NF4Experts(gate_up), quantize.NF4Experts(down)
+    counts = torch.tensor([5, 0, 17, 9])
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    x = torch.randn(int(counts.sum()), 32, dtype=dtype, requires_grad=True)
+    for transposed, weight in ((False, q_gate_up), (True, q_gate_up)):
+        xin = x if not transposed else torch.randn(int(counts.sum()), 2 * 48, dtype=dtype, requires_grad=True)
+        ours = quantize.grouped_linear(xin, weight, offsets, transposed)
+        dy = torch.randn_like(ours)
+        (g_ours,) = torch.autograd.grad(ours, xin, dy)
+        ref = _grouped_linear(xin, weight.dequantize(), offsets, is_transposed=transposed)
+        (g_ref,) = torch.autograd.grad(ref, xin, dy)
+        assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
+    experts = GroupedExperts(dim=32, hidden_dim=48, num_experts=4, use_grouped_mm=True)
+    deq = q_gate_up.dequantize()
+    with torch.no_grad():
+        experts.w1.copy_(deq[:, :48]), experts.w3.copy_(deq[:, 48:]), experts.w2.copy_(q_down.dequantize())
+    experts.to(dtype)
+    tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(quantize.QuantizedGroupedExperts(q_gate_up, q_down)(x, counts), experts(x, counts), **tol)
