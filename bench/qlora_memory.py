@@ -1,9 +1,9 @@
 """QLoRA memory and speed: our 4-bit base against our 16-bit LoRA and against TRL + PEFT + bitsandbytes.
 
-    python bench/qlora_memory.py                      # a 1.76 GB (fp32) hub-layout Mixtral, 6 steps (~15 min)
+    python bench/qlora_memory.py                      # a 1.76 GB (fp32) hub-layout Mixtral, 6 steps (~3 min)
     python bench/qlora_memory.py --hidden 128 --ffn 256 --layers 2 --steps 2          # smoke
 
-A Mixtral of `--hidden`/`--ffn`/`--layers` (default 1024/1792/8: 439 M parameters, 428 M of them in experts)
+A Mixtral of `--hidden`/`--ffn`/`--layers` (default 1024/1792/8: 439 M parameters, 352 M of them in experts)
 is saved in the hub key layout; the project's synthetic chats are encoded once with our [INST] encoder and
 every side trains on the same token ids, one process each, bf16 compute, micro-batch 2 × accumulation 2,
 gradient checkpointing on, LoRA r 16 on the attention projections:
@@ -62,7 +62,8 @@ def ours(model_dir: Path, jsonl: Path, out: Path, a, quantize: bool) -> dict:
     # carries over from this parent process (it held the model while saving it) into the child
     phases = json.loads((out / "memory.json").read_text())
     return {"tokens_per_s": sum(r["label_tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
-            "peak_rss_mb": max(max(p["peak_rss_bytes"]) for p in phases.values()) / 2**20, "losses": [r["ce"] for r in m]}
+            "peak_rss_mb": max(max(p["peak_rss_bytes"]) for p in phases.values()) / 2**20, "losses": [r["ce"] for r in m],
+            "phases_mb": {k: max(p["peak_rss_bytes"]) / 2**20 for k, p in phases.items()}}
 
 
 def trl(model_dir: Path, jsonl: Path, out: Path, a) -> dict:
@@ -107,6 +108,10 @@ def main() -> None:
         for name, (big, small, share) in runs.items():
             above[name] = (big["peak_rss_mb"] - small["peak_rss_mb"]) * 2**20 / model_bytes
             print(f"{name:<40}{big['peak_rss_mb']:>12.0f}{above[name]:>20.2f}{share:>13.2f}{big['tokens_per_s']:>10.0f}")
+        for name in ("ours QLoRA", "ours LoRA (bf16 base)"):
+            big, small, _ = runs[name]
+            print(f"{name}, peak RSS above tiny per phase, MB: " + ", ".join(
+                f"{k} {v - small['phases_mb'].get(k, 0):.0f}" for k, v in big["phases_mb"].items()))
         q, t = runs["ours QLoRA"][0], theirs
         ratio = above["ours QLoRA"] / above["TRL QLoRA (bitsandbytes load_in_4bit)"]
         print(f"goals: ours QLoRA ≤ 0.35× model: {above['ours QLoRA']:.2f} "

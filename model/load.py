@@ -114,12 +114,19 @@ class _Filler:
                     p.ds_tensor[:stop - start].copy_(flat(start, stop).to(p.ds_tensor.dtype))
                 return
             shape = p.shape
-            if pl.ep_size > 1 and name.rsplit(".", 1)[-1] in quantize.EXPERTS:
+            experts = name.rsplit(".", 1)[-1] in quantize.EXPERTS
+            if experts and pl.quantize == "nf4":  # read and quantized one expert at a time (this rank's, under EP)
+                per = shape[0] // pl.ep_size
+                a = pl.ep_rank * per
+                block = quantize.NF4Experts((rows(e, e + 1)[0].to(self.dtype) for e in range(a, a + per)), first=a)
+                if pl.ep_size > 1:
+                    quantize.store_expert_block(self.model, name, block)  # for AutoEP's layer
+                else:
+                    quantize.store(self.model, name, block, self.dtype)
+                return
+            if experts and pl.ep_size > 1:
                 per = shape[0] // pl.ep_size
                 a, b = pl.ep_rank * per, (pl.ep_rank + 1) * per
-                if pl.quantize == "nf4":  # only this rank's experts, in 4 bits, for AutoEP's layer
-                    quantize.store_expert_block(self.model, name, rows(a, b).to(self.dtype), a, self.dtype)
-                    return
                 data = torch.empty(shape, dtype=self.dtype)  # other experts' pages stay untouched
                 data[a:b].copy_(rows(a, b))
             else:  # a fresh, aligned allocation: CPU kernels round differently on unaligned memory

@@ -20,7 +20,7 @@ N ranks with expert-parallel size ep (expert-data-parallel size N/ep) and ZeRO s
 where T are the trainable parameters (all of them, or the LoRA adapters: then T ≈ 0 next to P).
 QLoRA (`quantized`): the attention weights P_a and the experts are stored in NF4 (`NF4_BYTES` ≈ 0.516 bytes
 per weight with double quantization), the rest in the training dtype: P_d − P_a + (P_a + P_e/ep)·0.516, plus,
-as "gathered", one layer's experts dequantized while that layer computes (model/quantize.py).
+as "gathered", one expert's gate-up projection dequantized while it computes (model/quantize.py).
 Bytes: weights and gradients in the training dtype (2 for bf16, 4 for fp32); optimizer state per
 trainable parameter: AdamW 8 (m, v in fp32), SGD 0, plus 4 for the fp32 master copy of the partition
 (bf16/fp16; for an fp32 model too under ZeRO-1/2, whose optimizer always copies; under ZeRO-3 an fp32
@@ -81,7 +81,7 @@ def per_rank_bytes(config, layout: Layout, checkpointing: bool = True) -> dict:
     shard = c["total"] / n                            # what it owns under full sharding
     trainable = 0.0 if layout.lora else 1.0           # adapters are small next to the base
     weights = (shard if s == 3 else local) * b
-    if layout.quantized:  # QLoRA (ZeRO 0-2, no EP): attention and experts in NF4, the rest in the compute dtype
+    if layout.quantized:  # QLoRA (ZeRO 0-2; EP under ZeRO 0-1): attention and experts in NF4, the rest in the compute dtype
         weights = (c["dense"] - c["attention"]) * b + (c["attention"] + c["experts"] / ep) * NF4_BYTES
     grads = (shard if s >= 2 else local) * b * trainable
     head = config.vocab_size * config.hidden_size
@@ -95,8 +95,8 @@ def per_rank_bytes(config, layout: Layout, checkpointing: bool = True) -> dict:
         group = (max(c["dense"], c["experts"]) if ep > 1 else c["total"]) / n
         step = group * (b + (4 if b < 4 else 0)) * trainable
     gathered = 0.0
-    if layout.quantized:  # the expert kernel dequantizes one layer's experts while that layer computes
-        gathered = c["layer_experts"] / ep * b
+    if layout.quantized:  # the expert kernel dequantizes one expert's projection at a time (gate_up: 2·ffn·hidden)
+        gathered = c["layer_experts"] / config.num_local_experts * 2 / 3 * b
     if s == 3:  # stage3_max_live_parameters (model/distributed.py): two layers, one under EP
         gathered = (2 if ep == 1 else 1) * (c["layer_experts"] / ep + c["layer_dense"]) * b
         if ep > 1:  # AutoEP gathers each layer's experts whole once, while converting it

@@ -29,6 +29,8 @@ model whose weights were replaced by their dequantized values — quantization c
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -92,9 +94,11 @@ class NF4Experts(nn.ModuleList):
     tensor back, `self[e].dequantize()` one expert's. `first`: the index of its first expert in the layer (a
     block of experts under expert parallelism)."""
 
-    def __init__(self, weight: torch.Tensor, first: int = 0):
-        super().__init__(NF4Tensor(w) for w in weight)
-        self.shape, self.dtype, self.first = tuple(weight.shape), weight.dtype, first
+    def __init__(self, experts: Iterable[torch.Tensor], first: int = 0):
+        """`experts`: the (E, ·, ·) tensor, or its experts one at a time (a generator reading each from disk: then
+        one expert's 16-bit weight is the most that exists while the module is made)."""
+        super().__init__(NF4Tensor(w) for w in experts)
+        self.shape, self.dtype, self.first = (len(self), *self[0].shape), self[0].dtype, first
 
     def dequantize(self) -> torch.Tensor:
         return torch.stack([t.dequantize() for t in self])
@@ -129,27 +133,28 @@ def linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
     return layer
 
 
-def store(model: nn.Module, name: str, value: torch.Tensor, compute_dtype: torch.dtype) -> None:
-    """Put checkpoint tensor `name` into `model` in 4 bits (`quantized_name(name)` must hold)."""
+def store(model: nn.Module, name: str, value: torch.Tensor | NF4Experts, compute_dtype: torch.dtype) -> None:
+    """Put checkpoint tensor `name` into `model` in 4 bits (`quantized_name(name)` must hold): an attention
+    weight (out, in), or a fused expert weight already quantized (`NF4Experts`)."""
     owner_path, attr = name.rsplit(".", 1)
     if attr in EXPERTS:
         experts = model.get_submodule(owner_path)
         experts._parameters.pop(attr, None)
-        experts.add_module(attr, NF4Experts(value.to(compute_dtype)))
+        experts.add_module(attr, value if isinstance(value, NF4Experts) else NF4Experts(value.to(compute_dtype)))
     else:  # `…self_attn.q_proj.weight`: the Linear itself is replaced
         parent_path, child = owner_path.rsplit(".", 1)
         model.get_submodule(parent_path).add_module(child, linear4bit(value, compute_dtype))
 
 
-def store_expert_block(model: nn.Module, name: str, block: torch.Tensor, first: int, compute_dtype: torch.dtype) -> None:
-    """Expert parallelism: keep experts [first, first + len(block)) of fused expert tensor `name` in 4 bits, for
-    AutoEP's layer to take (`take_expert_blocks`), and leave a meta tensor of the full shape in the model's
-    place (AutoEP slices it: nothing is allocated for it)."""
+def store_expert_block(model: nn.Module, name: str, block: NF4Experts) -> None:
+    """Expert parallelism: keep `block` (experts [block.first, block.first + len(block)) of fused expert tensor
+    `name`) for AutoEP's layer to take (`take_expert_blocks`), and leave a meta tensor of the full shape in the
+    model's place (AutoEP slices it: nothing is allocated for it)."""
     owner_path, attr = name.rsplit(".", 1)
     experts = model.get_submodule(owner_path)
     shape = experts._parameters[attr].shape
-    experts._parameters[attr] = nn.Parameter(torch.empty(shape, dtype=compute_dtype, device="meta"), requires_grad=False)
-    experts.__dict__.setdefault("nf4_blocks", {})[attr] = NF4Experts(block.to(compute_dtype), first)
+    experts._parameters[attr] = nn.Parameter(torch.empty(shape, dtype=block.dtype, device="meta"), requires_grad=False)
+    experts.__dict__.setdefault("nf4_blocks", {})[attr] = block
 
 
 def take_expert_blocks(experts: nn.Module) -> dict[str, NF4Experts] | None:

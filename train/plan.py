@@ -71,10 +71,9 @@ def plan(cfg, gpus: int, gpu_memory_gb: float, host_memory_gb: float, nodes: int
     layouts = [("recipe", layout_of(cfg, gpus, DTYPES[dtype_bytes]))]
     for world in (gpus, 2 * gpus):
         for stage in ((0, 2) if quantized else (2, 3)):  # a 4-bit base: ZeRO 0-2 (train/checks.py)
-            # (LoRA under ZeRO-2/3, sequence parallelism or a 4-bit base with expert parallelism are refused:
-            # train/checks.py)
+            # (expert parallelism with LoRA under ZeRO-2/3, or with sequence parallelism, is refused: train/checks.py)
             for ep in [e for e in (1, 2, 4, 8, 16) if config.num_local_experts % e == 0 and world % e == 0
-                       and (e == 1 or not (cfg.lora.enabled or cfg.sequence_parallel_size > 1))]:
+                       and (e == 1 or (cfg.sequence_parallel_size == 1 and (not cfg.lora.enabled or stage <= 1)))]:
                 for offload in (False, True) if stage else (False,):  # offload needs ZeRO >= 1
                     layouts.append(("", Layout(world=world, zero_stage=stage, ep_size=ep, offload_optimizer=offload, **base)))
     size = (lambda n: f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M")

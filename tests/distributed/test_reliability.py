@@ -236,42 +236,38 @@ def test_resume_on_another_layout(stage, extra, before, after, tmp_path):
     check_resume_elsewhere(stage, [*ELASTIC, *extra], before, after, tmp_path)
 
 
-def test_resume_refuses_a_layout_change_it_cannot_continue_exactly(tmp_path):
-    """Another global batch (the data position would not map onto the samples): one line, exit 2."""
+def _resume_refusal(tmp_path, layout: dict, args: list[str]) -> str:
+    """The one line a `resume=true` run prints (exit 2) over a checkpoint whose layout.json is `layout`."""
     import json
 
     out = tmp_path / "run"
     step = out / "checkpoints" / "step_2"
     step.mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("step_2")
-    (step / "layout.json").write_text(json.dumps({"world_size": 2, "expert_parallel_size": 2, "zero_stage": 2,
-                                                  "global_batch_size": 16, "lora": False}))
+    (step / "layout.json").write_text(json.dumps(layout))
     proc = subprocess.run([sys.executable, "train/sft.py", f"output_dir={out}", "recipe=tiny/sft", *ELASTIC, "max_steps=4",
-                           "deepspeed=zero1", "resume=true"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                           *args, "resume=true"], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "written with global_batch_size=16, this run has 8" in lines[0], lines
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_resume_refuses_a_layout_change_it_cannot_continue_exactly(tmp_path):
+    """Another global batch (the data position would not map onto the samples): one line, exit 2."""
+    line = _resume_refusal(tmp_path, {"world_size": 2, "expert_parallel_size": 2, "zero_stage": 2,
+                                      "global_batch_size": 16, "lora": False}, ["deepspeed=zero1"])
+    assert "written with global_batch_size=16, this run has 8" in line
 
 
 def test_resume_refuses_another_layout_for_lora_under_expert_parallelism(tmp_path):
     """DeepSpeed's universal conversion cannot read frozen expert-parallel experts: a 16-bit LoRA checkpoint
     written under EP resumes on its own layout only, said in one line (QLoRA's resume elsewhere:
     tests/distributed/test_qlora.py)."""
-    import json
-
-    out = tmp_path / "run"
-    step = out / "checkpoints" / "step_2"
-    step.mkdir(parents=True)
-    (out / "checkpoints" / "latest").write_text("step_2")
-    (step / "layout.json").write_text(json.dumps({"world_size": 2, "expert_parallel_size": 2, "zero_stage": 1,
-                                                  "global_batch_size": 8, "lora": True, "optimizer_steps": 2}))
-    proc = subprocess.run([sys.executable, "train/sft.py", f"output_dir={out}", "recipe=tiny/sft", *ELASTIC, "max_steps=4",
-                           "lora.enabled=true", "resume=true"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "written by LoRA under expert parallelism" in lines[0], lines
+    line = _resume_refusal(tmp_path, {"world_size": 2, "expert_parallel_size": 2, "zero_stage": 1, "global_batch_size": 8,
+                                      "lora": True, "optimizer_steps": 2}, ["lora.enabled=true"])
+    assert "written by LoRA under expert parallelism" in line
 
 
 def _interrupt_at(launcher: list[str], out, args: list[str], step: int):
