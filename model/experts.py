@@ -39,15 +39,21 @@ def sorted_grouped_mm_experts_forward(self, hidden_TH: torch.Tensor, top_k_index
         x_SH, counts_E, rows_S = _pad_groups(x_SH, expert_ids_S, counts_E)
     offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
     if self.has_gate:
-        h_SF = self._apply_gate(grouped_linear(x_SH, self.gate_up_proj, offsets_E, self.is_transposed))
+        h_SF = self._apply_gate(grouped_linear(x_SH, self.gate_up_proj, offsets_E, self.is_transposed, _adapter(self, "gate_up_proj")))
     else:
-        h_SF = self.act_fn(grouped_linear(x_SH, self.up_proj, offsets_E, self.is_transposed))
-    y_SH = grouped_linear(h_SF, self.down_proj, offsets_E, self.is_transposed)
+        h_SF = self.act_fn(grouped_linear(x_SH, self.up_proj, offsets_E, self.is_transposed, _adapter(self, "up_proj")))
+    y_SH = grouped_linear(h_SF, self.down_proj, offsets_E, self.is_transposed, _adapter(self, "down_proj"))
     if rows_S is not None:
         y_SH = y_SH.index_select(0, rows_S)
     y_SH = y_SH * top_k_weights_TK.reshape(-1)[perm_S].unsqueeze(-1)
     inv_perm_S = torch.argsort(perm_S)
     return y_SH[inv_perm_S].view(num_tokens, top_k, -1).sum(dim=1).to(hidden_TH.dtype)
+
+
+def _adapter(experts, name: str):
+    """The per-expert adapter of 4-bit weight `name` (`experts.adapters[name]`, model/lora.py), or None."""
+    adapters = experts._modules.get("adapters")
+    return adapters[name] if adapters is not None and name in adapters else None
 
 
 CPU_ROW_BLOCK = 64

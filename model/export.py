@@ -151,10 +151,15 @@ def export_hf(module: torch.nn.Module, hf_config, out_dir: str | Path, tokenizer
     lora: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
     for name, p in params:
+        if ".experts.adapters." in name:  # per-expert adapters over 4-bit weights: merged into them below
+            continue
         if is_quantized(p):  # every rank holds the whole 4-bit base (no ZeRO-3, no EP): rank 0 reads it alone
             if rank != 0:
                 continue
             full = base.full(_hf_name(name)) if base is not None else dequantized(p).cpu()
+            adapters = module.get_submodule(name.rsplit(".", 1)[0])._modules.get("adapters") if "." in name else None
+            if adapters is not None and name.rsplit(".", 1)[1] in adapters:  # W + s·B_e·A_e (model/quantize.py)
+                full = (full.float() + adapters[name.rsplit(".", 1)[1]].delta_weight().detach().cpu()).to(full.dtype)
         else:
             full = _gather_full(p)  # collective: every rank, same order
         if rank != 0:

@@ -225,10 +225,58 @@ class _FrozenGroupedLinear(torch.autograd.Function):
         return _per_expert(grad_out.contiguous(), ctx.experts, offsets, not ctx.is_transposed), None, None, None
 
 
-def grouped_linear(x: torch.Tensor, weight, offsets: torch.Tensor, is_transposed: bool) -> torch.Tensor:
-    """The expert kernel's projection: a 4-bit weight through `_FrozenGroupedLinear`, a plain one as before."""
+class ExpertLoRA(nn.Module):
+    """Per-expert LoRA on a 4-bit fused expert weight W (E, out, in) (`lora.experts=true` with
+    `model.quantize=nf4`): W_e + s · B_e A_e, A_e (r, in) and B_e (out, r) for each expert e, s = α / r.
+
+    Stored exactly as peft's `target_parameters` adapter of the same 16-bit weight, so the adapter folder loads
+    with PEFT onto the 16-bit base: lora_A (r·E, in) with A_e = lora_A.view(E, r, in)[e], and lora_B (out, r·E)
+    with B_e = lora_B.view(out, r, E)[:, :, e] (peft's `ParamWrapper.get_delta_weight`). Initialised as peft's
+    (A Kaiming-uniform, B zero). Computed beside the frozen product, y_S = x_S W_eᵀ + s (x_S A_eᵀ) B_eᵀ, never as
+    W + ΔW (which would bring the 16-bit experts back); peft's ParamWrapper applies no dropout, nor does this."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, r: int, scaling: float, dtype=None):
+        import math
+
+        super().__init__()
+        self.experts, self.r, self.scaling, self.enabled = experts, r, scaling, True
+        self.lora_A = nn.Parameter(torch.empty(r * experts, in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r * experts, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (E, r, in), B (E, out, r))."""
+        return (self.lora_A.view(self.experts, self.r, -1),
+                self.lora_B.view(self.lora_B.shape[0], self.r, self.experts).permute(2, 0, 1))
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B_e A_e for every expert: (E, out, in), what a merge adds to W."""
+        a, b = self.factors()
+        return torch.bmm(b.float(), a.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """s (x_S A_eᵀ) B_eᵀ for the rows of each expert (offsets as for `grouped_linear`; later rows get 0)."""
+        a, b = self.factors()
+        pieces, start = [], 0
+        for e, stop in enumerate(offsets.tolist()):
+            if stop > start:
+                pieces.append((x[start:stop] @ a[e].T) @ b[e].T)
+            start = stop
+        if start < x.shape[0] or not pieces:
+            pieces.append(x.new_zeros(x.shape[0] - start, b.shape[1]))
+        return torch.cat(pieces) * self.scaling
+
+
+def grouped_linear(x: torch.Tensor, weight, offsets: torch.Tensor, is_transposed: bool,
+                   lora: ExpertLoRA | None = None) -> torch.Tensor:
+    """The expert kernel's projection: a 4-bit weight through `_FrozenGroupedLinear` (plus its per-expert
+    adapter, when `lora` is given and enabled), a plain one as before."""
     if isinstance(weight, NF4Experts):
-        return _FrozenGroupedLinear.apply(x, weight, offsets, is_transposed)
+        y = _FrozenGroupedLinear.apply(x, weight, offsets, is_transposed)
+        if lora is not None and lora.enabled:
+            assert not is_transposed, "expert adapters over 4-bit weights take the (E, out, in) layout"
+            y = y + lora(x, offsets)
+        return y
     from transformers.integrations.moe import _grouped_linear
 
     return _grouped_linear(x, weight, offsets, is_transposed=is_transposed)

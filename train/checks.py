@@ -109,9 +109,6 @@ def validate(cfg, world_size: int | None = None) -> None:
                    "expert_parallel_size>1 under zero0/zero1")
         if not cfg.lora.enabled:
             raise ConfigError("model.quantize=nf4 needs lora.enabled=true: a 4-bit base is frozen (QLoRA trains adapters)")
-        if cfg.lora.experts:
-            raise ConfigError("model.quantize=nf4 with lora.experts=true: expert adapters wrap 16-bit fused expert "
-                              "weights; use attention adapters (lora.experts=false) over the 4-bit experts")
         if stage == 3:
             raise ConfigError(f"model.quantize=nf4 with ZeRO-3: DeepSpeed cannot partition 4-bit weights; QLoRA runs on {layouts}")
         if cfg.expert_parallel_size > 1 and not cfg.model_path:

@@ -26,7 +26,7 @@ import torch
 from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.preference import collate
-from model.lora import apply_lora
+from model.lora import adapters_off, apply_lora
 from model.losses import dpo_loss
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, load_balancing_loss, z_loss
 from train import cli, faults, reference
@@ -93,7 +93,7 @@ def main(cfg) -> None:
                 elif ref_engine is not None:
                     ref_c, ref_r, _, _ = reference.answer_logps(ref_engine, b)
                 else:  # adapters_off
-                    with engine.module.disable_adapter():
+                    with adapters_off(engine.module):
                         ref_c, ref_r, _, _ = reference.answer_logps(engine, b)
             if ipo:  # IPO compares per-token averages
                 pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r

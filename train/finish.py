@@ -58,10 +58,10 @@ def _export(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
         base = Checkpoint(model_folder(cfg.model_path))
     if cfg.lora.enabled:
         save_adapter(module, run.out / "adapter", run.main, cfg.model_path)
-        if cfg.lora.experts:
+        if cfg.lora.experts and cfg.model.quantize == "none":
             module = merged_for_export(module)  # peft merges expert adapters (ZeRO ≤ 2)
-        else:
-            scaling = lora_scaling(cfg.lora)    # export_hf merges W + B·A·scaling per gathered weight
+        else:  # export_hf merges W + B·A·scaling per gathered weight (and 4-bit experts' own adapters)
+            scaling = lora_scaling(cfg.lora)
     card = None
     if run.main:
         card = model_card(cfg, vars(run.data_report) if run.data_report else {}, run.final_metrics,

@@ -91,6 +91,33 @@ def test_qlora_trains_like_lora_on_the_dequantized_model(stage, layout, nproc, f
         assert ((plain - trained).norm() / trained.norm()).item() > gap
 
 
+@pytest.mark.parametrize("stage", ["sft", pytest.param("dpo", marks=pytest.mark.layouts)])
+def test_qlora_expert_adapters_merge_onto_the_16_bit_base_as_peft_does(stage, folders, tmp_path):
+    """`lora.experts=true` over 4-bit experts (per-expert adapters in peft's layout; their math against peft's:
+    tests/unit/test_quantize.py): the run trains and passes its export check, the adapter folder loads with PEFT
+    onto the 16-bit base and gives the merged export's logits, and (DPO) the adapters-off reference is the
+    policy at step 1."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, dequantized = folders
+    q = tmp_path / "qlora"
+    proc = run_stage(stage, q, [*COMMON, *STAGE[stage], "lora.experts=true", f"model_path={base}", "model.quantize=nf4"],
+                     nproc=1)
+    assert "export check: " in proc.stdout
+    got = losses(q)
+    assert abs(got[-1] - got[0]) > 1e-3, got
+    if stage == "dpo":
+        assert metrics(q)[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    ids = torch.randint(3, 32000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(q / "hf", dtype=torch.float32).eval()(ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), q / "adapter")
+        assert any("experts" in n for n, _ in peft.named_parameters() if "lora_" in n)
+        on_base = peft.eval()(ids).logits
+    torch.testing.assert_close(merged, on_base, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.layouts
 def test_qlora_data_parallel_zero2_equals_one_rank(folders, tmp_path):
     """The 4-bit base replicated on 2 ranks (ZeRO-2 shards the adapters' optimizer states): one rank's losses."""

@@ -179,3 +179,45 @@ def test_expert_by_expert_kernel_equals_grouped_gemm_on_the_dequantized_weights(
     experts.to(dtype)
     tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(quantize.QuantizedGroupedExperts(q_gate_up, q_down)(x, counts), experts(x, counts), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_adapters_over_4_bit_experts_equal_peft_on_the_dequantized_model(dtype):
+    """`lora.experts=true` over 4-bit experts: per-expert adapters in peft's layout (model/quantize.py ExpertLoRA).
+    With the same adapter values, logits and every adapter gradient equal peft's `target_parameters` LoRA on the
+    dequantized model, and the adapters-off context gives the base model's logits."""
+    from omegaconf import OmegaConf
+
+    from model.lora import PEFT_EXPERT_KEYS, adapters_off, apply_lora, expert_adapters
+
+    lora = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                             "experts": True, "train_router": False})
+    q = _tiny("nf4", dtype)
+    oracle = copy.deepcopy(q)
+    quantize.dequantize_model(oracle)
+    q, oracle = apply_lora(q, lora, dtype), apply_lora(oracle, lora, dtype)
+    theirs = dict(oracle.named_parameters())
+    ours = {}
+    for module_name, weight, adapter in expert_adapters(q):
+        for half in "AB":
+            key = f"{module_name.rsplit('.experts', 1)[0]}.{PEFT_EXPERT_KEYS[weight].format(half)}".replace(
+                ".weight", ".default.weight")
+            ours[key] = getattr(adapter, f"lora_{half}")
+    ours.update({n: p for n, p in q.named_parameters() if "lora_" in n and ".experts.adapters." not in n})
+    assert set(ours) == {n for n, p in theirs.items() if p.requires_grad}, set(ours) ^ set(theirs)
+    for n, p in ours.items():  # the same adapters, made non-zero
+        with torch.no_grad():
+            p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
+            theirs[n].copy_(p)
+    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+    out_q, out_o = q(ids, labels=ids), oracle(ids, labels=ids)
+    out_q.loss.backward()
+    out_o.loss.backward()
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(out_q.logits, out_o.logits, **tol)
+    for n, p in ours.items():
+        torch.testing.assert_close(p.grad, theirs[n].grad, **({"atol": 1e-6, "rtol": 1e-4} if dtype == torch.float32 else tol))
+    with torch.no_grad(), adapters_off(q), oracle.disable_adapter():
+        base_q, base_o = q(ids).logits, oracle(ids).logits
+    torch.testing.assert_close(base_q, base_o, **tol)
+    assert (base_q - out_q.logits).abs().max() > 1e-3  # the adapters were really off
