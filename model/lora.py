@@ -10,7 +10,9 @@ What combines with what (checked in train.config.validate):
   * ZeRO 0-3 with attention adapters. Under ZeRO-3 the frozen base is sharded (8x7B bf16:
     93 GB / 8 GPUs ≈ 12 GB each) and the export gathers each weight and merges W + B·A·α/r itself.
   * Expert adapters (`lora.experts=true`) need ZeRO 0-2 and no expert parallelism: peft merges them
-    (`merge_and_unload`), and AutoEP replaces the fused expert weights they wrap.
+    (`merge_and_unload`), and AutoEP replaces the fused expert weights they wrap. Over 4-bit experts
+    (`model.quantize=nf4`) peft cannot wrap the weights: `ExpertLoRA` (model/quantize.py) holds the same
+    per-expert adapters in peft's layout, `save_adapter` writes them under peft's keys, the export merges them.
   * Attention adapters (and a trained router) with expert parallelism under ZeRO-0/1: each rank holds its
     own experts, frozen. AutoEP finds the MoE blocks under peft's `base_model.model.` prefix
     (model/distributed.py), ZeRO-1 trains the adapters as a dense model's (`frozen_experts_dense`), and a

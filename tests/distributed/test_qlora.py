@@ -20,22 +20,31 @@ STAGE = {"sft": ["recipe=tiny/sft", "data.synthetic_samples=64"],
          "dpo": ["recipe=tiny/dpo", "data.synthetic_samples=16", "dpo.reference=adapters_off", "lora.train_router=false"]}
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """(a tiny Mixtral in 16 bits, the same model with its weights replaced by their NF4-dequantized values)."""
+def _folders(root, preset_name: str):
+    """(a Mixtral of `preset_name` in 16 bits, the same model with its weights replaced by their NF4-dequantized
+    values)."""
     from omegaconf import OmegaConf
 
     from model import quantize
     from model.build import build_model
     from train.config import compose
 
-    root = tmp_path_factory.mktemp("qlora")
-    preset = OmegaConf.to_container(compose("sft", ["recipe=tiny/sft"]).model)
+    preset = OmegaConf.to_container(compose("sft", ["recipe=tiny/sft", f"model={preset_name}"]).model)
     build_model(preset, seed=5).save_pretrained(root / "base")
     model = build_model({**preset, "quantize": "nf4"}, model_path=root / "base")
     quantize.dequantize_model(model)
     model.save_pretrained(root / "dequantized")
     return root / "base", root / "dequantized"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return _folders(tmp_path_factory.mktemp("qlora"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def small_folders(tmp_path_factory):
+    return _folders(tmp_path_factory.mktemp("qlora_small"), "small")
 
 
 def _adapters(out):
@@ -51,9 +60,11 @@ EP2 = ["deepspeed=zero1", "expert_parallel_size=2"]
     ("sft", [], 1), ("dpo", [], 1),
     pytest.param("sft", EP2, 2, id="sft-ep2"),  # each rank quantizes and holds only its own experts
     pytest.param("dpo", EP2, 2, id="dpo-ep2", marks=pytest.mark.layouts),
-    pytest.param("sft", ["deepspeed=zero0", "expert_parallel_size=2"], 4, id="sft-zero0-ep2xdp2", marks=pytest.mark.layouts)])
-def test_qlora_trains_like_lora_on_the_dequantized_model(stage, layout, nproc, folders, tmp_path):
-    base, dequantized = folders
+    pytest.param("sft", ["deepspeed=zero0", "expert_parallel_size=2"], 4, id="sft-zero0-ep2xdp2", marks=pytest.mark.layouts),
+    pytest.param("sft", ["model=small"], 1, id="sft-small", marks=pytest.mark.layouts),
+    pytest.param("dpo", ["model=small", *EP2], 2, id="dpo-small-ep2", marks=pytest.mark.layouts)])
+def test_qlora_trains_like_lora_on_the_dequantized_model(stage, layout, nproc, request, tmp_path):
+    base, dequantized = request.getfixturevalue("small_folders" if "model=small" in layout else "folders")
     q, o = tmp_path / "qlora", tmp_path / "lora"
     proc = run_stage(stage, q, [*COMMON, *STAGE[stage], *layout, f"model_path={base}", "model.quantize=nf4"], nproc=nproc)
     run_stage(stage, o, [*COMMON, *STAGE[stage], *layout, f"model_path={dequantized}", "verify_export=false"], nproc=nproc)
