@@ -218,3 +218,41 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+REFERENCE_FREE = ("orpo", "simpo")  # preference losses without a reference model (train/dpo.py skips its pass)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0, without cancellation on either side of −ln 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO's odds-ratio term (Hong et al. 2024, eqs. 4 and 7), per pair, all `(B,)`; log-probs averaged over
+    each answer's tokens, ℓ = (1/|y|) Σ log π(token):
+
+        log OR = (ℓ_w − ℓ_l) − (log(1 − e^ℓ_w) − log(1 − e^ℓ_l))      (odds(y) = P(y) / (1 − P(y)), P = e^ℓ)
+        loss   = −β · log σ(log OR)
+
+    ORPO's full objective adds the chosen answer's NLL at weight 1 (train/dpo.py). Returns (losses, chosen
+    rewards β·ℓ_w, rejected rewards β·ℓ_l, log OR); TRL's `ORPOTrainer.odds_ratio_loss` returns −losses."""
+    chosen_logps, rejected_logps = chosen_logps.float(), rejected_logps.float()
+    log_odds = (chosen_logps - rejected_logps) - (_log1mexp(chosen_logps) - _log1mexp(rejected_logps))
+    losses = -beta * F.logsigmoid(log_odds)
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach(), log_odds.detach()
+
+
+def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6), per pair, all `(B,)`; log-probs averaged over each answer's tokens:
+
+        h    = ℓ_w − ℓ_l − γ/β
+        loss = −log σ(β h) · (1 − ε) − log σ(−β h) · ε            (ε: label smoothing)
+
+    No reference model. Returns (losses, chosen rewards β·ℓ_w, rejected rewards β·ℓ_l), as TRL's
+    `CPOTrainer.cpo_loss` with loss_type="simpo"."""
+    h = chosen_logps - rejected_logps - gamma / beta
+    losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from model.losses import REFERENCE_FREE
 from train.config import ConfigError
 
 
@@ -126,11 +127,18 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("lora.experts=true with ZeRO-3: expert adapters are merged by peft, which needs the full "
                           "expert weights in place; use deepspeed=zero2, or attention-only adapters (lora.experts=false)")
     if hasattr(cfg, "dpo"):
-        _one_of("dpo.loss_type", cfg.dpo.loss_type, ("sigmoid", "ipo", "hinge", "robust"))
+        _one_of("dpo.loss_type", cfg.dpo.loss_type, ("sigmoid", "ipo", "hinge", "robust", *REFERENCE_FREE))
         _one_of("dpo.reference", cfg.dpo.reference, ("precomputed", "live", "adapters_off"))
-        if cfg.dpo.reference == "adapters_off" and not cfg.lora.enabled:
+        free = cfg.dpo.loss_type in REFERENCE_FREE
+        if free and cfg.dpo.dpop_lambda:
+            raise ConfigError(f"dpo.dpop_lambda={cfg.dpo.dpop_lambda} with dpo.loss_type={cfg.dpo.loss_type}: DPOP compares "
+                              "with a reference model, which this loss does not have")
+        if cfg.dpo.loss_type == "orpo" and cfg.dpo.sft_weight:
+            raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight} with dpo.loss_type=orpo: ORPO's loss holds the chosen "
+                              "answer's NLL at weight 1 already; leave dpo.sft_weight at 0")
+        if cfg.dpo.reference == "adapters_off" and not cfg.lora.enabled and not free:
             raise ConfigError("dpo.reference=adapters_off needs lora.enabled=true")
-        if cfg.dpo.reference == "adapters_off" and cfg.lora.train_router and cfg.expert_parallel_size > 1:
+        if cfg.dpo.reference == "adapters_off" and cfg.lora.train_router and cfg.expert_parallel_size > 1 and not free:
             raise ConfigError("dpo.reference=adapters_off with lora.train_router=true and expert_parallel_size>1: "
                               "DeepSpeed's expert-parallel layer keeps one router, the trained one, so disabling the "
                               "adapters would not restore the reference's router; use lora.train_router=false, or "

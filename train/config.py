@@ -140,10 +140,11 @@ class LoraConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1                 # KL strength β of the DPO loss
-    loss_type: str = "sigmoid"        # sigmoid | ipo | hinge | robust
+    loss_type: str = "sigmoid"        # sigmoid | ipo | hinge | robust (with a reference) | orpo | simpo (reference-free)
     label_smoothing: float = 0.0      # cDPO label smoothing (sigmoid loss)
-    sft_weight: float = 0.0           # RPO-style NLL on chosen
+    sft_weight: float = 0.0           # RPO-style NLL on chosen (ORPO: always 1, part of its loss)
     dpop_lambda: float = 0.0          # DPOP: λ·max(0, log π_ref(y_w) − log π(y_w)) taken off the margin
+    simpo_gamma: float = 0.5          # SimPO's target margin γ (loss_type=simpo)
     mask_common_suffix: bool = False  # leave the answers' shared ending (". </s>") out of both log-probs (collate)
     reference: str = "precomputed"    # precomputed | live | adapters_off (LoRA)
     max_prompt_len: Optional[int] = None  # cut prompts to this many tokens (null: max_seq_len decides)

@@ -121,10 +121,12 @@ def progress(iterable, desc: str, total: int | None = None, enabled: bool = True
 
 def loss_terms(values: dict, cfg) -> str:
     """`loss 9.9556 = ce 9.9447 + aux 0.0109 (0.01 × 1.0907)`: the weighted terms add up to the total."""
-    stage = [("dpo", 1.0), ("nll", cfg.dpo.sft_weight)] if "dpo" in values else [("ce", 1.0)]
+    orpo = "dpo" in values and cfg.dpo.loss_type == "orpo"  # ORPO's loss holds the NLL at weight 1
+    stage = [("dpo", 1.0), ("nll", 1.0 if orpo else cfg.dpo.sft_weight)] if "dpo" in values else [("ce", 1.0)]
     terms = [(k, w) for k, w in [*stage, ("aux", cfg.router.aux_loss_coef), ("z", cfg.router.z_loss_coef)]
              if w and k in values]
-    parts = [f"{k} {values[k]:.4f}" if w == 1.0 else f"{k} {w * values[k]:.4f} ({w:g} × {values[k]:.4f})"
+    label = {"dpo": cfg.dpo.loss_type} if "dpo" in values and cfg.dpo.loss_type in ("orpo", "simpo") else {}
+    parts = [f"{label.get(k, k)} {values[k]:.4f}" if w == 1.0 else f"{k} {w * values[k]:.4f} ({w:g} × {values[k]:.4f})"
              for k, w in terms]
     return f"loss {values['loss']:.4f} = " + " + ".join(parts)
 

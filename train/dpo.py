@@ -9,11 +9,13 @@ chosen/rejected, or HH-RLHF transcripts (data/formats.py) → one row per pair h
 as isolated segments (data/preference.py): ONE forward gives both log-probs.
 
 Loss per optimizer step over the G pairs of the global batch (model/losses.py for the formulas):
-    logp(y|x) = Σ_(answer tokens incl. </s>) log π(token)        (IPO: averaged over the tokens;
+    logp(y|x) = Σ_(answer tokens incl. </s>) log π(token)        (IPO, ORPO, SimPO: averaged over the tokens;
                 with dpo.mask_common_suffix, without the ending both answers share, data/preference.py)
     dpo  = (1/G) Σ_pairs dpo_loss(logp_π(y_w), logp_π(y_l), logp_ref(y_w), logp_ref(y_l))
-    nll  = −Σ_(chosen tokens) log π / (number of chosen tokens)  (RPO-style, when dpo.sft_weight > 0)
-    loss = dpo + dpo.sft_weight · nll + router.aux_loss_coef · aux + router.z_loss_coef · z
+           (dpo.loss_type=orpo | simpo: orpo_loss / simpo_loss of the policy's log-probs alone: no reference
+           pass, no reference cache)
+    nll  = −Σ_(chosen tokens) log π / (number of chosen tokens)  (RPO-style, when dpo.sft_weight > 0; ORPO: always)
+    loss = dpo + dpo.sft_weight · nll + router.aux_loss_coef · aux + router.z_loss_coef · z   (ORPO: weight 1 on nll)
 (dpo.dpop_lambda > 0: DPO-Positive, model/losses.py.)
 aux and z are taken on the policy pass with the shared prompt counted once. With policy == reference
 the first loss is ln 2 ≈ 0.6931 (sigmoid).
@@ -27,7 +29,7 @@ from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.preference import collate
 from model.lora import adapters_off, apply_lora
-from model.losses import dpo_loss
+from model.losses import REFERENCE_FREE, dpo_loss, orpo_loss, simpo_loss
 from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, load_balancing_loss, z_loss
 from train import cli, faults, reference
 from train.checkpoints import end_of_step, maybe_resume
@@ -58,16 +60,19 @@ def main(cfg) -> None:
     step, _ = maybe_resume(engine, cfg, run)
 
     ref_table, ref_engine = None, None
-    if cfg.dpo.reference == "precomputed":
+    free = cfg.dpo.loss_type in REFERENCE_FREE  # ORPO, SimPO: no reference pass, no reference cache
+    if cfg.dpo.reference == "precomputed" and not free:
         if step > 0:  # resumed: the cache was written from the starting weights before step 1
             ref_table = reference.precomputed(None, cfg, run, pairs, tokenizer)
         else:
             ref_table = reference.precomputed(engine, cfg, run, pairs, tokenizer, adapters_off=cfg.lora.enabled)
-    elif cfg.dpo.reference == "live":
+    elif cfg.dpo.reference == "live" and not free:
         ref_ds = reference.reference_ds_config(cfg, run)
         ref_engine = reference.live_engine(run, load_model(cfg, run, ref_ds, phase="load_reference"), ref_ds)
     metrics = Metrics(cfg, run, step, recorder.num_layers, num_experts)
-    beta, ipo = cfg.dpo.beta, cfg.dpo.loss_type == "ipo"
+    beta, loss_type = cfg.dpo.beta, cfg.dpo.loss_type
+    average = loss_type in ("ipo", "orpo", "simpo")  # these compare per-token averages of the log-probs
+    nll_weight = 1.0 if loss_type == "orpo" else cfg.dpo.sft_weight
 
     engine.train()
     STOPS.start_training()  # from here on Ctrl-C / SIGTERM stop between steps, with a checkpoint
@@ -80,26 +85,34 @@ def main(cfg) -> None:
         # the chosen tokens the log-probs sum over (without a masked shared ending): the NLL's denominator
         n_chosen_tokens = run.all_sum(sum(int(((b["target_segment"] == 1) & (b["targets"] != IGNORE_INDEX)).sum())
                                           for b in micro_batches))
-        sums = torch.zeros(7, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll
+        sums = torch.zeros(8, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll, log OR
         router = RouterStep(recorder.num_layers, num_experts, top_k, run.gas)
         for ix, b in zip(index, micro_batches):
             # whole-row sums of the answers' log-probs, from the LM head without logits (a sequence-parallel
             # rank's gradient flows through its own tokens); the router logits of every layer in recorder.logits
             with recorder:
                 pol_c, pol_r, n_c, n_r = reference.answer_logps(engine, b)
-            with torch.no_grad():
-                if ref_table is not None:
-                    ref_c, ref_r = ref_table[ix, 0].to(pol_c), ref_table[ix, 1].to(pol_c)
-                elif ref_engine is not None:
-                    ref_c, ref_r, _, _ = reference.answer_logps(ref_engine, b)
-                else:  # adapters_off
-                    with adapters_off(engine.module):
-                        ref_c, ref_r, _, _ = reference.answer_logps(engine, b)
-            if ipo:  # IPO compares per-token averages
-                pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
-            losses, r_chosen, r_rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, cfg.dpo.loss_type,
-                                                    cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda)
-            nll = -(pol_c * (n_c if ipo else 1)).sum() / n_chosen_tokens.to(pol_c)
+            nll = -pol_c.sum() / n_chosen_tokens.to(pol_c)
+            log_odds = torch.zeros(())
+            if free:
+                pol_c, pol_r = pol_c / n_c, pol_r / n_r
+                if loss_type == "orpo":
+                    losses, r_chosen, r_rejected, log_odds = orpo_loss(pol_c, pol_r, beta)
+                else:
+                    losses, r_chosen, r_rejected = simpo_loss(pol_c, pol_r, beta, cfg.dpo.simpo_gamma, cfg.dpo.label_smoothing)
+            else:
+                with torch.no_grad():
+                    if ref_table is not None:
+                        ref_c, ref_r = ref_table[ix, 0].to(pol_c), ref_table[ix, 1].to(pol_c)
+                    elif ref_engine is not None:
+                        ref_c, ref_r, _, _ = reference.answer_logps(ref_engine, b)
+                    else:  # adapters_off
+                        with adapters_off(engine.module):
+                            ref_c, ref_r, _, _ = reference.answer_logps(engine, b)
+                if average:  # IPO compares per-token averages
+                    pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
+                losses, r_chosen, r_rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, loss_type,
+                                                        cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda)
             mask = b["router_mask"].reshape(-1)
             if balance is not None:
                 balance.add(recorder.logits, mask)
@@ -108,14 +121,14 @@ def main(cfg) -> None:
             pref = losses.sum() / cfg.global_batch_size
             # DeepSpeed divides gradients by the accumulation steps and averages them over data-parallel groups;
             # `pref` and `nll` are this micro-batch's shares of global means, so scale them back by both.
-            loss = (pref + cfg.dpo.sft_weight * nll) * (run.gas * run.dp) \
+            loss = (pref + nll_weight * nll) * (run.gas * run.dp) \
                 + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z
             loss = guard.watch(loss, step + 1)  # a non-finite loss makes every rank skip this step
             engine.backward(loss * run.grad_factor)  # 1 but under ZeRO-3 + sequence parallelism
             engine.step()
             sums += torch.tensor([losses.sum().item(), r_chosen.sum().item(), r_rejected.sum().item(),
                                   (r_chosen > r_rejected).float().sum().item(), pol_c.sum().item(),
-                                  pol_r.sum().item(), nll.item()], dtype=torch.float64)
+                                  pol_r.sum().item(), nll.item(), log_odds.sum().item()], dtype=torch.float64)
             router.add(recorder.logits, mask, aux, z)
         if balance is not None:
             balance.reset()
@@ -127,8 +140,9 @@ def main(cfg) -> None:
         aux_step, z_step = router.means(run)
         stats = metrics.expert_load(router.counts_LE)
         metrics.log(step, {
-            "loss": float(g[0] / G + cfg.dpo.sft_weight * g[6]) + cfg.router.aux_loss_coef * aux_step
+            "loss": float(g[0] / G + nll_weight * g[6]) + cfg.router.aux_loss_coef * aux_step
                     + cfg.router.z_loss_coef * z_step,
+            **({"log_odds_ratio": float(g[7] / G)} if loss_type == "orpo" else {}),
             "dpo": float(g[0] / G), "nll": float(g[6]), "aux": aux_step, "z": z_step,
             "rewards/chosen": float(g[1] / G), "rewards/rejected": float(g[2] / G),
             "rewards/margins": float((g[1] - g[2]) / G), "rewards/accuracy": float(g[3] / G),

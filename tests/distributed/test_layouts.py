@@ -277,3 +277,23 @@ def test_resume_fp32_zero0_on_another_layout(before, after, tmp_path):
     from helpers import ELASTIC, check_resume_elsewhere
 
     check_resume_elsewhere("sft", [*ELASTIC, "recipe=tiny/sft"], before, after, tmp_path)
+
+
+# Reference-free preference losses (dpo.loss_type=orpo | simpo): the same loop without a reference pass.
+FREE = {"orpo": ["recipe=tiny/orpo", "data.synthetic_samples=16", "optim.lr=2"],
+        "simpo": ["recipe=tiny/simpo", "data.synthetic_samples=16", "optim.lr=2", "dpo.beta=1"]}
+
+
+@pytest.mark.parametrize("loss", ["orpo", pytest.param("simpo", marks=pytest.mark.layouts)])
+def test_reference_free_loss_zero3_ep2_equals_one_rank(loss, starts, tmp_path):
+    """ORPO / SimPO under ZeRO-3 + EP 2 train like one ZeRO-0 rank (fp32, 1e-4 relative), and neither computes
+    reference log-probs (no reference cache is written)."""
+    runs = {}
+    for layout, nproc, overrides in (("one", 1, ["deepspeed=zero0"]), ("zero3_ep2", *LAYOUTS["zero3_ep2"])):
+        out = tmp_path / layout
+        proc = run_stage("dpo", out, [*FREE[loss], *EXACT, *starts["dpo"], *overrides], nproc=nproc, timeout=900)
+        assert not list(out.rglob("ref-logps-*")) and "reference log-probs" not in proc.stdout, proc.stdout[-2000:]
+        runs[layout] = losses(out, "loss")
+    one, got = runs["one"], runs["zero3_ep2"]
+    assert abs(one[2] - one[0]) > 1e-3, one  # the updates really change the model
+    assert got == pytest.approx(one, rel=1e-4), (loss, one, got)

@@ -93,6 +93,8 @@ def test_recipe_with_unknown_key_fails(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("overrides, needle", [(["dpo.beta=0"], "dpo.beta=0"), (["dpo.dpop_lambda=-1"], "dpo.dpop_lambda=-1"),
                                                (["dpo.loss_type=kto"], "dpo.loss_type"),
+                                               (["dpo.loss_type=orpo", "dpo.sft_weight=1"], "holds the chosen answer's NLL"),
+                                               (["dpo.loss_type=simpo", "dpo.dpop_lambda=1"], "DPOP compares with a reference"),
                                                (["lora.enabled=true", "lora.train_router=true", "dpo.reference=adapters_off",
                                                  "expert_parallel_size=2", "deepspeed=zero1"],
                                                 "with lora.train_router=true and expert_parallel_size>1")])

@@ -277,3 +277,54 @@ def test_final_hidden_is_what_the_head_reads(tokenizer):
             out = model(ids, logits_to_keep=NO_LOGITS)
         assert out.logits.numel() == 0 and len(hidden) == 1
         torch.testing.assert_close(model.get_output_embeddings()(hidden[0]), logits)
+
+
+def _trl_self(**kwargs):
+    """What TRL's loss methods read from their trainer: their settings and the accelerator's device."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), **kwargs)
+
+
+def _average_logps(seed: int, n: int = 16):
+    """Per-token mean log-probs of chosen and rejected answers, (n,) each, spanning both sides of −ln 2."""
+    g = torch.Generator().manual_seed(seed)
+    return [-(torch.rand(n, generator=g, dtype=torch.float64) * 3 + 1e-3) for _ in range(2)]
+
+
+def test_orpo_equals_trl_odds_ratio_loss():
+    """ORPO's odds-ratio term (model/losses.py) against TRL 1.16's `ORPOTrainer.odds_ratio_loss` on the same
+    log-probs: TRL returns β·log σ(log OR) (its loss subtracts the mean), ours the positive loss −β·log σ."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    from model.losses import orpo_loss
+
+    chosen, rejected = _average_logps(0)
+    ours, oc, orr, log_odds = orpo_loss(chosen, rejected, 0.25)
+    theirs, tc, tr, mean_ratio, mean_log_odds = ORPOTrainer.odds_ratio_loss(_trl_self(beta=0.25), chosen, rejected)
+    torch.testing.assert_close(ours, -theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(oc, tc, rtol=1e-6, atol=1e-6), torch.testing.assert_close(orr, tr, rtol=1e-6, atol=1e-6)
+    assert log_odds.mean().item() == pytest.approx(mean_log_odds.item(), rel=1e-6)
+    assert (-ours / 0.25).mean().item() == pytest.approx(mean_ratio.item(), rel=1e-6)
+    # by definition: odds = P / (1 − P), P = e^ℓ
+    odds = lambda lp: lp.exp() / (1 - lp.exp())  # noqa: E731
+    torch.testing.assert_close(log_odds, (odds(chosen) / odds(rejected)).log().float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_simpo_equals_trl_cpo_loss_with_simpo_settings(label_smoothing):
+    """SimPO (model/losses.py) against TRL 1.16's `CPOTrainer.cpo_loss` with loss_type="simpo" on the same
+    log-probs: losses and the logged rewards."""
+    from trl.experimental.cpo import CPOTrainer
+
+    from model.losses import simpo_loss
+
+    chosen, rejected = _average_logps(1)
+    settings = dict(beta=2.0, simpo_gamma=0.7, label_smoothing=label_smoothing)
+    ours, oc, orr = simpo_loss(chosen, rejected, settings["beta"], settings["simpo_gamma"], label_smoothing)
+    theirs, tc, tr = CPOTrainer.cpo_loss(_trl_self(alpha=0.0, loss_type="simpo", **settings), chosen, rejected)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(oc, tc, rtol=1e-6, atol=1e-6), torch.testing.assert_close(orr, tr, rtol=1e-6, atol=1e-6)
+    h = chosen - rejected - 0.7 / 2.0  # the paper's eq. 6
+    want = -F.logsigmoid(2.0 * h) * (1 - label_smoothing) - F.logsigmoid(-2.0 * h) * label_smoothing
+    torch.testing.assert_close(ours, want)
