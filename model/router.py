@@ -66,6 +66,35 @@ def expert_counts(router_logits: Sequence[torch.Tensor], top_k: int, mask: torch
     return torch.stack(rows)
 
 
+def drift_sums(policy_logits: Sequence[torch.Tensor], reference_logits: Sequence[torch.Tensor], top_k: int,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Routing drift of one micro-batch, as sums that add over micro-batches and ranks: `(L, 2 + 2E)` float64,
+    per layer [Σ_t KL_t, tokens, policy expert counts (E), reference expert counts (E)] over the tokens in
+    `mask`, where KL_t = Σ_e p_te (log p_te − log q_te), p = softmax(policy logits), q = softmax(reference
+    logits) (the router's full distribution, in fp32). `routing_drift` turns them into the logged values."""
+    rows = []
+    with torch.no_grad():
+        counts_p, counts_q = expert_counts(policy_logits, top_k, mask), expert_counts(reference_logits, top_k, mask)
+        for l, (pol_TE, ref_TE) in enumerate(zip(policy_logits, reference_logits)):
+            m_T = _flat_mask(mask, pol_TE.shape[0], pol_TE.device)
+            logp, logq = F.log_softmax(pol_TE.float(), -1), F.log_softmax(ref_TE.float().to(pol_TE.device), -1)
+            kl_T = (logp.exp() * (logp - logq)).sum(-1)
+            rows.append(torch.cat([torch.stack([(kl_T * m_T).sum(), m_T.sum()]).double().cpu(),
+                                   counts_p[l].double().cpu(), counts_q[l].double().cpu()]))
+    return torch.stack(rows)
+
+
+def routing_drift(sums_L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From `drift_sums` added up: per layer (L,) the mean KL(policy router ‖ reference router) over the tokens,
+    and the load shift ½ Σ_e |share_policy(e) − share_reference(e)| (total variation between the two expert
+    load shares, 0 … 1; share(e) = e's fraction of the top-k assignments)."""
+    E = (sums_L.shape[1] - 2) // 2
+    kl = sums_L[:, 0] / sums_L[:, 1].clamp(min=1)
+    share_p = sums_L[:, 2:2 + E] / sums_L[:, 2:2 + E].sum(-1, keepdim=True).clamp(min=1)
+    share_q = sums_L[:, 2 + E:] / sums_L[:, 2 + E:].sum(-1, keepdim=True).clamp(min=1)
+    return kl, 0.5 * (share_p - share_q).abs().sum(-1)
+
+
 def load_balancing_loss(
     router_logits: Sequence[torch.Tensor],
     top_k: int,

@@ -145,6 +145,9 @@ class DPOConfig:
     sft_weight: float = 0.0           # RPO-style NLL on chosen (ORPO: always 1, part of its loss)
     dpop_lambda: float = 0.0          # DPOP: λ·max(0, log π_ref(y_w) − log π(y_w)) taken off the margin
     simpo_gamma: float = 0.5          # SimPO's target margin γ (loss_type=simpo)
+    drift_every: int = 0              # routing drift without a reference pass (precomputed, orpo, simpo): one extra
+                                      # reference forward every N steps (0: off; live / adapters_off: every step, free)
+    drift_alarm: float = 0.0          # print an alarm when the mean router KL(policy ‖ reference) passes this (0: off)
     mask_common_suffix: bool = False  # leave the answers' shared ending (". </s>") out of both log-probs (collate)
     reference: str = "precomputed"    # precomputed | live | adapters_off (LoRA)
     max_prompt_len: Optional[int] = None  # cut prompts to this many tokens (null: max_seq_len decides)

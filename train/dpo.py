@@ -30,7 +30,8 @@ from data.dataset import GlobalBatches
 from data.preference import collate
 from model.lora import adapters_off, apply_lora
 from model.losses import REFERENCE_FREE, dpo_loss, orpo_loss, simpo_loss
-from model.router import ExpertLoadAccumulator, RouterLogitsRecorder, load_balancing_loss, z_loss
+from model.router import (ExpertLoadAccumulator, RouterLogitsRecorder, drift_sums, load_balancing_loss,
+                          routing_drift, z_loss)
 from train import cli, faults, reference
 from train.checkpoints import end_of_step, maybe_resume
 from train.finish import finish
@@ -66,9 +67,14 @@ def main(cfg) -> None:
             ref_table = reference.precomputed(None, cfg, run, pairs, tokenizer)
         else:
             ref_table = reference.precomputed(engine, cfg, run, pairs, tokenizer, adapters_off=cfg.lora.enabled)
-    elif cfg.dpo.reference == "live" and not free:
+    # routing drift: measured on every micro-batch where a reference forward runs anyway (live, adapters_off),
+    # else (dpo.drift_every) on the first micro-batch of every N-th step with one extra reference forward: the
+    # policy with its adapters off (LoRA), or a live copy of the starting model (full fine-tuning)
+    extra_drift = cfg.dpo.drift_every > 0 and (free or cfg.dpo.reference == "precomputed")
+    if (cfg.dpo.reference == "live" and not free) or (extra_drift and not cfg.lora.enabled):
         ref_ds = reference.reference_ds_config(cfg, run)
         ref_engine = reference.live_engine(run, load_model(cfg, run, ref_ds, phase="load_reference"), ref_ds)
+    ref_recorder = RouterLogitsRecorder(ref_engine.module) if ref_engine is not None else None
     metrics = Metrics(cfg, run, step, recorder.num_layers, num_experts)
     beta, loss_type = cfg.dpo.beta, cfg.dpo.loss_type
     average = loss_type in ("ipo", "orpo", "simpo")  # these compare per-token averages of the log-probs
@@ -87,11 +93,13 @@ def main(cfg) -> None:
                                           for b in micro_batches))
         sums = torch.zeros(8, dtype=torch.float64)  # loss, r_chosen, r_rejected, acc, logp_c, logp_r, nll, log OR
         router = RouterStep(recorder.num_layers, num_experts, top_k, run.gas)
-        for ix, b in zip(index, micro_batches):
+        drift = None  # (L, 2 + 2E) sums of this step's routing drift (model/router.py drift_sums)
+        for micro, (ix, b) in enumerate(zip(index, micro_batches)):
             # whole-row sums of the answers' log-probs, from the LM head without logits (a sequence-parallel
             # rank's gradient flows through its own tokens); the router logits of every layer in recorder.logits
             with recorder:
                 pol_c, pol_r, n_c, n_r = reference.answer_logps(engine, b)
+            logits, ref_logits = recorder.logits, None
             nll = -pol_c.sum() / n_chosen_tokens.to(pol_c)
             log_odds = torch.zeros(())
             if free:
@@ -105,19 +113,35 @@ def main(cfg) -> None:
                     if ref_table is not None:
                         ref_c, ref_r = ref_table[ix, 0].to(pol_c), ref_table[ix, 1].to(pol_c)
                     elif ref_engine is not None:
-                        ref_c, ref_r, _, _ = reference.answer_logps(ref_engine, b)
+                        with ref_recorder:
+                            ref_c, ref_r, _, _ = reference.answer_logps(ref_engine, b)
+                        ref_logits = ref_recorder.logits
                     else:  # adapters_off
-                        with adapters_off(engine.module):
+                        with adapters_off(engine.module), recorder:
                             ref_c, ref_r, _, _ = reference.answer_logps(engine, b)
+                        ref_logits = recorder.logits
                 if average:  # IPO compares per-token averages
                     pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
                 losses, r_chosen, r_rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, loss_type,
                                                         cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda)
+            if extra_drift and micro == 0 and (step + 1) % cfg.dpo.drift_every == 0:
+                with torch.no_grad():
+                    if ref_engine is not None:
+                        with ref_recorder:
+                            reference.answer_logps(ref_engine, b)
+                        ref_logits = ref_recorder.logits
+                    else:
+                        with adapters_off(engine.module), recorder:
+                            reference.answer_logps(engine, b)
+                        ref_logits = recorder.logits
+            if ref_logits is not None:  # over the positions that predict answer tokens
+                part = drift_sums(logits, ref_logits, top_k, b["targets"] != IGNORE_INDEX)
+                drift = part if drift is None else drift + part
             mask = b["router_mask"].reshape(-1)
             if balance is not None:
-                balance.add(recorder.logits, mask)
-            aux = load_balancing_loss(recorder.logits, top_k, mask, balance.fraction() if balance else None, run.sp > 1)
-            z = z_loss(recorder.logits, mask, run.sp > 1)
+                balance.add(logits, mask)
+            aux = load_balancing_loss(logits, top_k, mask, balance.fraction() if balance else None, run.sp > 1)
+            z = z_loss(logits, mask, run.sp > 1)
             pref = losses.sum() / cfg.global_batch_size
             # DeepSpeed divides gradients by the accumulation steps and averages them over data-parallel groups;
             # `pref` and `nll` are this micro-batch's shares of global means, so scale them back by both.
@@ -129,7 +153,7 @@ def main(cfg) -> None:
             sums += torch.tensor([losses.sum().item(), r_chosen.sum().item(), r_rejected.sum().item(),
                                   (r_chosen > r_rejected).float().sum().item(), pol_c.sum().item(),
                                   pol_r.sum().item(), nll.item(), log_odds.sum().item()], dtype=torch.float64)
-            router.add(recorder.logits, mask, aux, z)
+            router.add(logits, mask, aux, z)
         if balance is not None:
             balance.reset()
         step += 1
@@ -149,11 +173,25 @@ def main(cfg) -> None:
             "logps/chosen": float(g[4] / G), "logps/rejected": float(g[5] / G),
             "tokens": int(run.all_sum(sum(int((b["input_ids"] != tokenizer.pad_id).sum()) for b in micro_batches))),
             "pairs": G, **step_values(engine, guard, batches, step, skipped, lr),
+            **(drift_metrics(run.all_sum(drift), cfg, run, step) if drift is not None else {}),
         }, stats)
         end_of_step(engine, cfg, run, guard, step)
 
     metrics.close()
     finish(engine, cfg, run, model, tokenizer, step)
+
+
+def drift_metrics(sums, cfg, run, step: int) -> dict:
+    """This step's routing drift (model/router.py `routing_drift`) as metrics.jsonl keys, and the alarm line when
+    the mean KL passes `dpo.drift_alarm`."""
+    kl, shift = routing_drift(sums)
+    mean = float(kl.mean())
+    if cfg.dpo.drift_alarm and mean > cfg.dpo.drift_alarm:
+        worst = ", ".join(f"layer {int(l)} {float(kl[l]):.4f}" for l in kl.argsort(descending=True)[:3])
+        run.print(f"[{cfg.stage}] routing drift alarm at step {step}: mean router KL(policy ‖ reference) {mean:.4f} "
+                  f"> dpo.drift_alarm={cfg.dpo.drift_alarm:g} (most: {worst})")
+    return {"drift/kl": mean, "drift/kl_layers": [round(float(x), 8) for x in kl],
+            "drift/load_shift": float(shift.mean()), "drift/load_shift_layers": [round(float(x), 8) for x in shift]}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,13 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
         results = [f"{step} steps; final {console.loss_terms(final, cfg)}" if final else f"{step} steps"]
         if "rewards/accuracy" in final:
             results.append(f"final reward accuracy {final['rewards/accuracy']:.3f}, margin {final['rewards/margins']:.4f}")
+        if "drift/kl_layers" in final:  # train/dpo.py: the policy's routers against the reference's
+            kl = final["drift/kl_layers"]
+            most = sorted(range(len(kl)), key=lambda l: -kl[l])[:3]
+            results.append(f"routing drift at step {final['step']}: mean router KL(policy ‖ reference) "
+                           f"{final['drift/kl']:.4f}, load shift {final['drift/load_shift']:.3f}; moved most: "
+                           + ", ".join(f"layer {l} (KL {kl[l]:.4f}, shift {final['drift/load_shift_layers'][l]:.3f})"
+                                       for l in most))
         if run.memory.phases:
             results.append("peak RSS per rank: " + ", ".join(
                 f"{phase} {max(p['peak_rss_bytes']) / 2**30:.2f} GiB" for phase, p in run.memory.phases.items()))

@@ -73,6 +73,37 @@ def loss_plot(out: Path) -> None:
     plt.close(fig)
 
 
+def drift_section(out: Path) -> str:
+    """The DPO stage's routing drift (train/dpo.py: its routers against the reference's over the answer tokens):
+    `drift.png` (per layer, router KL and load shift over the steps) and the report's paragraph."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = [r for r in metrics(out / "dpo") if "drift/kl_layers" in r]
+    if not m:
+        return "No routing drift was measured (dpo.drift_every=0 with a precomputed reference)."
+    steps, layers = [r["step"] for r in m], len(m[0]["drift/kl_layers"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for key, ax, title in (("drift/kl_layers", axes[0], "router KL(policy ‖ reference)"),
+                           ("drift/load_shift_layers", axes[1], "expert load shift (total variation)")):
+        for l in range(layers):
+            ax.plot(steps, [r[key][l] for r in m], marker="o", label=f"layer {l}")
+        ax.set_title(title)
+        ax.set_xlabel("DPO step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "drift.png", dpi=100)
+    plt.close(fig)
+    last = m[-1]
+    rows = "\n".join(f"| {l} | {last['drift/kl_layers'][l]:.4f} | {last['drift/load_shift_layers'][l]:.3f} |"
+                      for l in range(layers))
+    return (f"Measured every {steps[1] - steps[0] if len(steps) > 1 else steps[0]} steps against the starting (SFT) "
+            f"model over the answer tokens; at step {last['step']}:\n\n| layer | router KL | load shift |\n|---|---|---|\n"
+            f"{rows}\n\n![routing drift](drift.png)")
+
+
 def evaluate(cfg, out: Path, walls: dict) -> str:
     import torch
 
@@ -146,6 +177,10 @@ Tiny Mixtral ({cfg.model} preset, 8 experts top-2, vocabulary 32000) trained fro
 ![losses](loss.png)
 
 Expert load at the last step of each stage: ![pretrain](experts_pretrain.png) ![sft](experts_sft.png) ![dpo](experts_dpo.png)
+
+## Routing drift during DPO
+
+{drift_section(out)}
 
 ## What each stage learned (held-out)
 

@@ -28,7 +28,7 @@ from data.preference import answer_sums, collate
 from model import sequence_parallel
 from model.distributed import all_reduce_here
 from model.head import NO_LOGITS, final_hidden
-from model.lora import adapters_off
+from model.lora import adapters_off as without_adapters
 from model.losses import token_logps
 from model.router import fp32_router_logits
 from model.sequence_parallel import group_sum
@@ -84,7 +84,7 @@ def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int,
     for step in progress(range(steps), desc, enabled=run.main):
         for ix in batches.micro_batches(step, run.dp_rank, run.dp, micro):
             b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer), tokenizer.pad_id)
-            with adapters_off(engine.module) if adapters_off else contextlib.nullcontext():
+            with without_adapters(engine.module) if adapters_off else contextlib.nullcontext():
                 chosen, rejected, _, _ = answer_logps(engine, b)
             for j, i in enumerate(ix):
                 if owner[i] == (step, run.dp_rank) and run.rank % run.sp == 0:

@@ -23,14 +23,14 @@ def test_pipeline_small_budget(tmp_path):
            "sft.recipe=tiny/sft", "dpo.recipe=tiny/dpo",
            "sft.overrides=['optim.lr=1e-3','optim.schedule=constant']",
            "dpo.overrides=['lora.enabled=true','lora.experts=true','optim.lr=3e-3','optim.schedule=constant','global_batch_size=8',"
-           "'dpo.beta=2.0','dpo.mask_common_suffix=true']",
+           "'dpo.beta=2.0','dpo.mask_common_suffix=true','dpo.drift_every=5']",
            "heldout=24", "heldout_pairs=96", "passkey_lengths=[128]", "passkey_depths=[0.0,1.0]",
            "passkey_trials=2", f"mt_bench.questions={REPO.parent / 'shared/data/mt_bench/question.jsonl'}",
            "mt_bench.limit=2", "mt_bench.max_new_tokens=4"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={"PYTHONWARNINGS": "ignore",
                           **__import__("os").environ}, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for f in ("report.md", "summary.json", "loss.png", "experts_pretrain.png", "experts_sft.png", "experts_dpo.png",
+    for f in ("report.md", "summary.json", "loss.png", "experts_pretrain.png", "experts_sft.png", "experts_dpo.png", "drift.png",
               "passkey/passkey.png", "passkey/passkey.json", "pretrain/hf/config.json", "sft/hf/config.json",
               "dpo/hf/config.json", "pretrain/DONE", "sft/DONE", "dpo/DONE"):
         assert (out / f).is_file(), f
@@ -45,6 +45,8 @@ def test_pipeline_small_budget(tmp_path):
     assert s["dpo_reward_accuracy"] > 0.5 and s["dpo_reward_margin"] > 0          # on held-out pairs too
     report = (out / "report.md").read_text()
     assert "| SFT exact match: after SFT |" in report and "## Passkey retrieval" in report
+    assert "## Routing drift during DPO" in report and "| layer | router KL | load shift |" in report
+    assert [m["step"] for m in dpo if "drift/kl" in m] == [5, 10, 15] and dpo[-1]["drift/kl"] > 0
     if (REPO.parent / "shared/data/mt_bench/question.jsonl").is_file():
         assert "2 questions answered" in report
     # rerunning skips the finished stages

@@ -123,3 +123,28 @@ def test_statistics_dead_experts_and_shares():
     assert stats["max_share"][0] == pytest.approx(0.5)
     assert stats["min_share"][0] == 0.0
     assert router_statistics(torch.ones(1, 8))["load_entropy"][0] == pytest.approx(1.0)
+
+
+def test_routing_drift_is_zero_for_identical_routers_and_a_direct_computation_otherwise():
+    """`drift_sums` / `routing_drift` (model/router.py): exactly 0 when the policy's router logits are the
+    reference's; for a perturbed router, the KL and the load shift a direct computation gives (per token
+    torch.distributions' KL, per expert the top-k counts), over the masked tokens only."""
+    from model.router import drift_sums, routing_drift
+
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(12, 8, generator=g) for _ in range(3)]
+    mask = torch.rand(12, generator=g) > 0.3
+    kl, shift = routing_drift(drift_sums(ref, [r.clone() for r in ref], 2, mask))
+    assert torch.equal(kl, torch.zeros(3, dtype=kl.dtype)) and torch.equal(shift, torch.zeros(3, dtype=shift.dtype))
+    pol = [r + torch.randn(12, 8, generator=g) * s for r, s in zip(ref, (0.0, 0.5, 2.0))]
+    # two micro-batches (the halves), summed as the stage sums them over micro-batches and ranks
+    sums = drift_sums([p[:6] for p in pol], [r[:6] for r in ref], 2, mask[:6]) + \
+        drift_sums([p[6:] for p in pol], [r[6:] for r in ref], 2, mask[6:])
+    kl, shift = routing_drift(sums)
+    for l in range(3):
+        p, q = torch.distributions.Categorical(logits=pol[l][mask]), torch.distributions.Categorical(logits=ref[l][mask])
+        assert kl[l].item() == pytest.approx(torch.distributions.kl_divergence(p, q).mean().item(), rel=1e-5, abs=1e-7)
+        share = [torch.bincount(x[mask].topk(2, -1).indices.reshape(-1), minlength=8).double() / (2 * mask.sum())
+                 for x in (pol[l], ref[l])]
+        assert shift[l].item() == pytest.approx(0.5 * (share[0] - share[1]).abs().sum().item(), abs=1e-12)
+    assert kl[0] == 0 and 0 < kl[1] < kl[2]
