@@ -25,6 +25,21 @@ def _tiny(quantized: str = "none", dtype=torch.float32):
     return build_model(preset, seed=3, dtype=dtype)
 
 
+def _same_adapters_loss_backward(q, oracle, ours: dict):
+    """Give `oracle`'s adapters the values of `ours` ({oracle's parameter name: q's parameter}, made non-zero),
+    then one forward and backward of both on the same ids; returns (q's output, oracle's output, ids)."""
+    theirs = dict(oracle.named_parameters())
+    for n, p in ours.items():
+        with torch.no_grad():
+            p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
+            theirs[n].copy_(p)
+    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+    out_q, out_o = q(ids, labels=ids), oracle(ids, labels=ids)
+    out_q.loss.backward()
+    out_o.loss.backward()
+    return out_q, out_o, ids
+
+
 def test_nf4_tensor_equals_bitsandbytes_and_keeps_its_dtypes_when_cast():
     import bitsandbytes.functional as F
 
@@ -75,16 +90,7 @@ def test_qlora_equals_lora_on_the_dequantized_model(dtype):
     q = apply_lora(q, lora, dtype)
     torch.manual_seed(0)
     oracle = apply_lora(oracle, lora, dtype)
-    theirs = dict(oracle.named_parameters())
-    for n, a in q.named_parameters():  # the same adapters, made non-zero
-        if "lora_" in n:
-            with torch.no_grad():
-                a.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
-                theirs[n].copy_(a)
-    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
-    out_q, out_o = q(ids, labels=ids), oracle(ids, labels=ids)
-    out_q.loss.backward()
-    out_o.loss.backward()
+    out_q, out_o = _same_adapters_loss_backward(q, oracle, {n: p for n, p in q.named_parameters() if "lora_" in n})[:2]
     tol = 0 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out_q.logits, out_o.logits, atol=tol, rtol=tol)
     grads = {n: p.grad for n, p in q.named_parameters() if p.requires_grad}
@@ -196,7 +202,6 @@ def test_expert_adapters_over_4_bit_experts_equal_peft_on_the_dequantized_model(
     oracle = copy.deepcopy(q)
     quantize.dequantize_model(oracle)
     q, oracle = apply_lora(q, lora, dtype), apply_lora(oracle, lora, dtype)
-    theirs = dict(oracle.named_parameters())
     ours = {}
     for module_name, weight, adapter in expert_adapters(q):
         for half in "AB":
@@ -204,15 +209,9 @@ def test_expert_adapters_over_4_bit_experts_equal_peft_on_the_dequantized_model(
                 ".weight", ".default.weight")
             ours[key] = getattr(adapter, f"lora_{half}")
     ours.update({n: p for n, p in q.named_parameters() if "lora_" in n and ".experts.adapters." not in n})
-    assert set(ours) == {n for n, p in theirs.items() if p.requires_grad}, set(ours) ^ set(theirs)
-    for n, p in ours.items():  # the same adapters, made non-zero
-        with torch.no_grad():
-            p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
-            theirs[n].copy_(p)
-    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
-    out_q, out_o = q(ids, labels=ids), oracle(ids, labels=ids)
-    out_q.loss.backward()
-    out_o.loss.backward()
+    assert set(ours) == {n for n, p in oracle.named_parameters() if p.requires_grad}
+    out_q, out_o, ids = _same_adapters_loss_backward(q, oracle, ours)
+    theirs = dict(oracle.named_parameters())
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
     torch.testing.assert_close(out_q.logits, out_o.logits, **tol)
     for n, p in ours.items():
