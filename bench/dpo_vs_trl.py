@@ -11,7 +11,9 @@ AdamW(0.9, 0.95) lr 1e-4 constant, clip 1.0, fp32, router aux off, one process e
 alternating. Ours: `train/dpo.py` on DeepSpeed ZeRO-0 with its default precomputed reference.
 TRL: DPOTrainer with precompute_ref_log_probs=True and =False (a live reference model).
 Reported: training pairs/s from step 2 on, the one-time reference pass, peak RSS, per-step loss
-(step 1 is ln 2 on both sides; later steps must agree closely). Last line, against TRL's faster setting:
+(step 1 is ln 2 on both sides; later steps must agree closely). Also our SimPO (dpo.loss_type=simpo) on the same
+run: the reference-free saving against our DPO (no reference pass; the same steps). Last line, against TRL's
+faster setting:
     dpo pairs/s ratio vs TRL: X.XX
 """
 
@@ -57,18 +59,19 @@ def prepare(tmp: Path, max_len: int, steps: int, preset: str, max_pairs: int | N
     return model_dir, ours, trl, len(recs)
 
 
-def run_ours(model_dir: Path, data: Path, out: Path, a) -> dict:
+def run_ours(model_dir: Path, data: Path, out: Path, a, loss_type: str = "sigmoid") -> dict:
     m, rss, stdout = run_stage_measured("dpo", [
         "recipe=tiny/dpo", f"model_path={model_dir}", f"data.path={data}", "data.format=preference", "data.dedup=false",
         f"max_seq_len={a.max_len}", f"global_batch_size={MICRO * GAS}", f"micro_batch_size={MICRO}",
         f"max_steps={a.steps}", f"optim.lr={LR}", "optim.schedule=constant", "optim.warmup_steps=0",
         "optim.weight_decay=0", "optim.grad_clip=1.0", "router.aux_loss_coef=0", "router.z_loss_coef=0",
-        f"dpo.beta={BETA}", "dpo.loss_type=sigmoid", "dpo.sft_weight=0", "dpo.reference=precomputed",
+        f"dpo.beta={BETA}", f"dpo.loss_type={loss_type}", "dpo.sft_weight=0", "dpo.reference=precomputed",
         "deepspeed=zero0", "export=false", "precision=fp32"], out)
     timed = m[1:]
     ref = re.search(r"reference log-probs: computed for \d+ pairs in ([\d.]+)s", stdout)
     return {"pairs_per_s": sum(r["pairs"] for r in timed) / sum(r["step_time_s"] for r in timed),
-            "init_s": float(ref.group(1)) if ref else float("nan"), "losses": [r["dpo"] for r in m], "peak_rss_mb": rss}
+            "init_s": float(ref.group(1)) if ref else 0.0, "losses": [r["dpo"] for r in m], "peak_rss_mb": rss,
+            "train_s": sum(r["step_time_s"] for r in m)}
 
 
 def run_trl(model_dir: Path, data: Path, out: Path, precompute: bool, a) -> dict:
@@ -90,10 +93,11 @@ def main() -> None:
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     model_dir, ours_data, trl_data, n = prepare(tmp, a.max_len, a.steps, a.model, a.pairs)
-    runs = {"ours (precomputed reference)": [], "TRL precompute_ref_log_probs=True": [],
-            "TRL precompute_ref_log_probs=False": []}
+    runs = {"ours (precomputed reference)": [], "ours SimPO (reference-free)": [],
+            "TRL precompute_ref_log_probs=True": [], "TRL precompute_ref_log_probs=False": []}
     for i in range(a.repeats):  # alternate so drift on the machine hits every side
         runs["ours (precomputed reference)"].append(run_ours(model_dir, ours_data, tmp / f"ours{i}", a))
+        runs["ours SimPO (reference-free)"].append(run_ours(model_dir, ours_data, tmp / f"simpo{i}", a, "simpo"))
         runs["TRL precompute_ref_log_probs=True"].append(run_trl(model_dir, trl_data, tmp / f"trl_pre{i}", True, a))
         runs["TRL precompute_ref_log_probs=False"].append(run_trl(model_dir, trl_data, tmp / f"trl_live{i}", False, a))
         print(f"run {i}: " + ", ".join(f"{k} {v[-1]['pairs_per_s']:.2f} pairs/s" for k, v in runs.items()), flush=True)
@@ -106,6 +110,10 @@ def main() -> None:
               f"peak RSS {max(r['peak_rss_mb'] for r in v):6.0f} MB  loss per step "
               + " ".join(f"{x:.4f}" for x in v[0]["losses"]))
     shutil.rmtree(tmp, ignore_errors=True)
+    dpo, free = runs["ours (precomputed reference)"][0], runs["ours SimPO (reference-free)"][0]
+    print(f"reference-free saving against our DPO: no reference pass ({dpo['init_s']:.1f}s avoided, "
+          f"{100 * dpo['init_s'] / (dpo['init_s'] + dpo['train_s']):.0f}% of the DPO run's reference pass + steps); "
+          f"training pairs/s ratio SimPO / DPO {med['ours SimPO (reference-free)'] / med['ours (precomputed reference)']:.2f}")
     best = max(med["TRL precompute_ref_log_probs=True"], med["TRL precompute_ref_log_probs=False"])
     print(f"dpo pairs/s ratio vs TRL: {med['ours (precomputed reference)'] / best:.2f}")
 
