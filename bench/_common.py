@@ -54,7 +54,7 @@ def run_worker(script: str, spec: dict) -> dict:
 
 def trainer_clock():
     """A transformers TrainerCallback timing training from step 2 on (step 1 warms up, as in our stages)
-    and collecting the logged losses: `.t0`, `.losses`."""
+    and collecting the logged losses and everything logged with them: `.t0`, `.losses`, `.logs`."""
     import time
 
     from transformers import TrainerCallback
@@ -62,7 +62,7 @@ def trainer_clock():
     class Clock(TrainerCallback):
         def __init__(self):
             self.t0 = None
-            self.losses = []
+            self.losses, self.logs = [], []
 
         def on_step_begin(self, a, state, control, **kw):
             if state.global_step == 1 and self.t0 is None:
@@ -71,6 +71,7 @@ def trainer_clock():
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
+                self.logs.append(dict(logs))
 
     return Clock()
 

@@ -40,6 +40,7 @@ cfg = DPOConfig(output_dir=args["out"], per_device_train_batch_size=args["micro"
                 gradient_accumulation_steps=args["gas"], max_steps=args["steps"], learning_rate=args["lr"],
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
                 max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                bf16=False,  # TRL's configs default to bf16 autocast; fp32 as ours
                 beta=args["beta"], loss_type=["sigmoid"], max_length=None, precompute_ref_log_probs=args["precompute"],
                 precompute_ref_batch_size=args["micro"], router_aux_loss_coef=0.0, dataloader_num_workers=0,
                 seed=0, data_seed=0, remove_unused_columns=False)

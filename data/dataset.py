@@ -31,9 +31,9 @@ import numpy as np
 
 from data import synthetic
 from data.chat import IGNORE_INDEX, encode_chat
-from data.formats import canonical
+from data.formats import canonical, unpair
 from data.readers import RecordError, read_records
-from data.preference import encode_pair, fit_pair
+from data.preference import encode_example, encode_pair, fit_pair, with_kl_completions
 
 CACHE_VERSION = "2"
 
@@ -59,16 +59,19 @@ class DataReport:
 
 def load_canonical(data_cfg, kind: str, seed: int, skipped_path: str | Path | None = None,
                    report: DataReport | None = None, version: str = "v1") -> list[dict]:
-    """Canonical records of `kind` ("text", "messages", "preference") from `data_cfg.path`, chats checked
-    for the tokenizer `version` (a chat with tools needs "v3").
+    """Canonical records of `kind` ("text", "messages", "preference", "unpaired") from `data_cfg.path`, chats
+    checked for the tokenizer `version` (a chat with tools needs "v3"); for "unpaired" each preference pair
+    gives two records (data/formats.py `unpair`).
 
     `data_cfg.on_error="raise"` stops at the first bad record with file and line;
     "skip" counts each kind of problem and writes the bad records to `skipped_path`.
     """
     report = report if report is not None else DataReport()
     if data_cfg.path == "synthetic":
-        out = synthetic.records(kind, data_cfg.synthetic_samples, seed, passkey_share=data_cfg.synthetic_passkey_share,
+        out = synthetic.records("preference" if kind == "unpaired" else kind, data_cfg.synthetic_samples, seed,
+                                passkey_share=data_cfg.synthetic_passkey_share,
                                 passkey_filler=data_cfg.synthetic_passkey_filler)
+        out = [u for c in out for u in unpair(c)] if kind == "unpaired" else out
     else:
         out, skipped, seen = [], [], {}
         for rec in read_records(data_cfg.path, split=data_cfg.split, name=data_cfg.name, text_field=data_cfg.text_field,
@@ -91,7 +94,7 @@ def load_canonical(data_cfg, kind: str, seed: int, skipped_path: str | Path | No
                                 "record": rec.value})
                 continue
             seen.setdefault(key, rec.where)
-            out.append(c)
+            out.extend(unpair(c) if kind == "unpaired" else [c])
             if data_cfg.max_samples and len(out) >= data_cfg.max_samples:
                 break
         if skipped_path is not None and skipped:
@@ -141,6 +144,9 @@ def tokenize(records: list[dict], kind: str, tokenizer, cache_dir: str | Path, d
         if kind == "preference":
             enc = [encode_pair(json.loads(r), tokenizer) for r in batch["record"]]
             return {k: [e[k] for e in enc] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        if kind == "unpaired":
+            enc = [encode_example(json.loads(r), tokenizer) for r in batch["record"]]
+            return {k: [e[k] for e in enc] for k in ("prompt_ids", "completion_ids", "label")}
         out = {"input_ids": [], "labels": []}
         rows = batch["text"] if kind == "text" else [json.loads(r) for r in batch["record"]]
         for row in rows:
@@ -243,6 +249,23 @@ def fit_pairs(ds, max_seq_len: int, max_prompt_len: int | None, report: DataRepo
     report.real_tokens = sum(2 * len(q["prompt_ids"]) + len(q["chosen_ids"]) + len(q["rejected_ids"]) for q in pairs)
     report.label_tokens = sum(len(q["chosen_ids"]) + len(q["rejected_ids"]) for q in pairs)
     return pairs
+
+
+def fit_examples(ds, max_seq_len: int, max_prompt_len: int | None, report: DataReport) -> list[dict]:
+    """Tokenized unpaired examples (KTO) after the over-long policy, each with the mismatched completion its KL
+    term takes (data/preference.py `with_kl_completions`), counted in `report`."""
+    examples = []
+    for p, c, label in zip(ds["prompt_ids"], ds["completion_ids"], ds["label"]):
+        fitted = fit_pair(p, c, None, max_seq_len, max_prompt_len, report.overlong)
+        if fitted is not None:
+            examples.append({"prompt_ids": fitted[0], "completion_ids": fitted[1], "label": bool(label)})
+    if not examples:
+        raise ValueError("no training examples: every example was dropped (see max_seq_len and dpo.max_prompt_len)")
+    examples = with_kl_completions(examples, max_seq_len)
+    report.rows = len(examples)
+    report.real_tokens = sum(len(e["prompt_ids"]) + len(e["completion_ids"]) for e in examples)
+    report.label_tokens = sum(len(e["completion_ids"]) for e in examples)
+    return examples
 
 
 class GlobalBatches:

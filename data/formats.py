@@ -4,6 +4,8 @@ Canonical forms:
     text        {"text": str}                                         (pretraining)
     messages    {"messages": [{"role", "content"}, ...]}              (SFT)
     preference  {"prompt": [messages ending with user], "chosen": str, "rejected": str}   (DPO)
+    unpaired    {"prompt": [messages ending with user], "completion": str, "label": bool}  (KTO; a preference
+                pair gives two: chosen → label true, rejected → label false, `unpair`)
 
 Input formats (`data.format`, or "auto" to detect from the first record's keys):
     text        {"text": ...} (field name configurable); .txt files are one document each
@@ -15,6 +17,7 @@ Input formats (`data.format`, or "auto" to detect from the first record's keys):
                 tool turns "function_call" / "observation" and its "tools" become OpenAI's shapes, `_sharegpt_turns`)
     preference  {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
     hh_rlhf     {"chosen": transcript, "rejected": transcript} ("\\n\\nHuman: ...\\n\\nAssistant: ...")
+    unpaired    {"prompt": str | messages, "completion": str | messages, "label": bool}  (TRL's unpaired preference)
 
 Every error names the source file and line (or record index) — `RecordError`.
 """
@@ -35,6 +38,8 @@ def detect_format(value: dict, text_field: str = "text") -> str:
         return "messages"
     if {"instruction", "output"} <= keys:
         return "alpaca"
+    if {"prompt", "completion", "label"} <= keys:
+        return "unpaired"
     if {"chosen", "rejected"} <= keys:
         return "preference" if "prompt" in keys else (
             "hh_rlhf" if isinstance(value["chosen"], str) else "preference")
@@ -243,9 +248,35 @@ def to_preference(rec: Record, fmt: str, version: str = "v1") -> dict:
     return _with_tools({"prompt": prompt, "chosen": chosen, "rejected": rejected}, tools)
 
 
+def to_unpaired(rec: Record, fmt: str, version: str = "v1") -> dict:
+    """An unpaired record (KTO) in canonical form; a preference pair comes out in `to_preference`'s form, for
+    `unpair` to split."""
+    if fmt != "unpaired":
+        return to_preference(rec, fmt, version)
+    v, where = rec.value, rec.where
+    tools = _tools(v.get("tools"), where)
+    prompt = _as_prompt(_require(v, "prompt", (str, list), where), where)
+    completion = _as_answer(_require(v, "completion", (str, list, dict), where), where, "completion")
+    label = _require(v, "label", bool, where)
+    if not isinstance(completion, str) or not completion:
+        raise RecordError(where, "empty content", "completion is empty")
+    prompt = _check_chat(prompt, where, False, version, tools)
+    return _with_tools({"prompt": prompt, "completion": completion, "label": label}, tools)
+
+
+def unpair(c: dict) -> list[dict]:
+    """Canonical unpaired records from one canonical record of either form: a pair gives (prompt, chosen, true)
+    and (prompt, rejected, false), next to each other."""
+    if "completion" in c:
+        return [c]
+    extra = {"tools": c["tools"]} if c.get("tools") else {}
+    return [{"prompt": c["prompt"], "completion": c[key], "label": key == "chosen", **extra} for key in ("chosen", "rejected")]
+
+
 def canonical(rec: Record, fmt: str, kind: str, text_field: str = "text", version: str = "v1") -> dict:
-    """Adapt one record to the canonical form of `kind` ("text", "messages", "preference"); chats are checked
-    against the rules of the tokenizer `version` ("v1" has no tools)."""
+    """Adapt one record to the canonical form of `kind` ("text", "messages", "preference", "unpaired"); chats are
+    checked against the rules of the tokenizer `version` ("v1" has no tools). For "unpaired" a preference pair
+    keeps its pair form (`unpair` splits it)."""
     if fmt == "auto":
         try:
             fmt = detect_format(rec.value, text_field)
@@ -261,8 +292,11 @@ def canonical(rec: Record, fmt: str, kind: str, text_field: str = "text", versio
         if fmt == "text":
             raise RecordError(rec.where, "wrong format", "a text record where a chat was expected (set data.format)")
         return to_messages(rec, fmt, version)
-    if kind == "preference":
+    if kind in ("preference", "unpaired"):
         if fmt == "sharegpt" and "chosen" not in rec.value:
             raise RecordError(rec.where, "missing field", "sharegpt record without 'chosen'/'rejected'")
-        return to_preference(rec, fmt, version)
+        if fmt == "unpaired" and kind == "preference":
+            raise RecordError(rec.where, "wrong format", "an unpaired record (prompt, completion, label) where a "
+                              "preference pair was expected: only dpo.loss_type=kto trains on unpaired data")
+        return to_unpaired(rec, fmt, version) if kind == "unpaired" else to_preference(rec, fmt, version)
     raise ValueError(f"unknown kind {kind!r}")

@@ -35,15 +35,22 @@ def encode_pair(pair: dict, tokenizer) -> dict:
     }
 
 
-def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_seq_len: int,
-             max_prompt_len: int | None, counts: Counter) -> tuple[list[int], list[int], list[int]] | None:
+def encode_example(example: dict, tokenizer) -> dict:
+    """An unpaired example (KTO): {prompt, completion, label} → prompt_ids, completion_ids (with </s>), label."""
+    return {"prompt_ids": encode_prompt(example["prompt"], tokenizer, example.get("tools")),
+            "completion_ids": encode_answer(example["completion"], tokenizer), "label": bool(example["label"])}
+
+
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int] | None, max_seq_len: int,
+             max_prompt_len: int | None, counts: Counter) -> tuple[list[int], list[int], list[int] | None] | None:
     """Apply the over-long policy; returns None (and counts why) when nothing trainable is left.
+    `rejected=None`: an unpaired example, one answer.
 
     1. The prompt is cut from the left (keeping <s>) to `max_prompt_len` when it is longer than that,
        or — with no explicit limit — to max_seq_len // 2 when the pair does not fit.
     2. Answers longer than the room left are cut from the right.
     """
-    longest = max(len(chosen), len(rejected))
+    longest = max(len(chosen), len(rejected or ()))
     limit = max_prompt_len if max_prompt_len is not None else (
         max_seq_len // 2 if len(prompt) + longest > max_seq_len else len(prompt))
     if len(prompt) > limit:
@@ -54,12 +61,30 @@ def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_seq_
         counts["dropped (prompt alone fills max_seq_len)"] += 1
         return None
     if longest > room:
-        chosen, rejected = chosen[:room], rejected[:room]
+        chosen, rejected = chosen[:room], None if rejected is None else rejected[:room]
         counts["answers truncated (right)"] += 1
         if chosen == rejected:
             counts["dropped (answers identical after truncation)"] += 1
             return None
     return prompt, chosen, rejected
+
+
+def with_kl_completions(examples: list[dict], max_seq_len: int) -> list[dict]:
+    """Give each unpaired example (KTO) the mismatched completion `kl_ids` its KL reference point takes: that of
+    the nearest example before it (cyclically, in the data's order) whose prompt differs, cut to fit
+    max_seq_len after this example's prompt. Fixed per example, so the reference's log-probs of these rows can
+    be cached like the completions' (train/reference.py). TRL's KTOTrainer rotates completions by one within
+    each per-device batch of the data in order; with distinct prompts and one batch over all the data the two
+    pairings are the same."""
+    n = len(examples)
+    out = []
+    for i, e in enumerate(examples):
+        j = next((j % n for j in range(i - 1, i - n, -1) if examples[j % n]["prompt_ids"] != e["prompt_ids"]), None)
+        if j is None:
+            raise ValueError("KTO's KL reference point pairs each prompt with another prompt's completion: the data "
+                             f"needs at least two different prompts ({n} example(s), one prompt)")
+        out.append({**e, "kl_ids": examples[j]["completion_ids"][:max_seq_len - len(e["prompt_ids"])]})
+    return out
 
 
 def common_suffix(a: list[int], b: list[int], joins=None) -> int:
@@ -89,8 +114,12 @@ def word_joins(tokenizer):
     return joins
 
 
-def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, tokenizer=None) -> dict:
+def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, tokenizer=None,
+            answers: tuple[str, ...] = ("chosen_ids", "rejected_ids")) -> dict:
     """Rows for a micro-batch of fitted pairs (each with prompt_ids/chosen_ids/rejected_ids), `(B, L)`.
+
+    `answers` names the answers each row holds after its own copy of the prompt, segment k + 1 for
+    answers[k]: a KTO row holds one, ("completion_ids",) or its KL row ("kl_ids",).
 
     A shared answer PREFIX cancels in the DPO margin by itself (same context, same log-probs under policy
     and reference). A shared SUFFIX does not: its tokens follow different text. `mask_common_suffix`
@@ -102,29 +131,25 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, to
     if mask_common_suffix and tokenizer is None:
         raise ValueError("collate(mask_common_suffix=True) needs the tokenizer: the shared ending starts at a word boundary")
     joins = word_joins(tokenizer) if mask_common_suffix else None
-    seqs = []
-    for p in pairs:
-        a = p["prompt_ids"] + p["chosen_ids"]
-        b = p["prompt_ids"] + p["rejected_ids"]
-        seqs.append((p, a, b))
-    width = max(len(a) + len(b) for _, a, b in seqs)
+    seqs = [[p["prompt_ids"] + p[key] for key in answers] for p in pairs]
+    width = max(sum(map(len, s)) for s in seqs)
     B = len(seqs)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, width), dtype=torch.long)
     segment = torch.zeros((B, width), dtype=torch.long)
     router_mask = torch.zeros((B, width), dtype=torch.bool)
-    for r, (p, a, b) in enumerate(seqs):
+    for r, (p, seq) in enumerate(zip(pairs, seqs)):
         n_p = len(p["prompt_ids"])
         k = common_suffix(p["chosen_ids"], p["rejected_ids"], joins) if mask_common_suffix else 0
         at = 0
-        for seg, ids in ((1, a), (2, b)):
+        for seg, ids in enumerate(seq, start=1):
             n = len(ids)
             input_ids[r, at:at + n] = torch.tensor(ids)
             labels[r, at + n_p:at + n - k] = torch.tensor(ids[n_p:n - k])
             segment[r, at + n_p:at + n] = seg
             position_ids[r, at:at + n] = torch.arange(n)
-            router_mask[r, at + (n_p if seg == 2 else 0):at + n] = True
+            router_mask[r, at + (n_p if seg > 1 else 0):at + n] = True  # the prompt counted once
             at += n
         position_ids[r, at:] = torch.arange(width - at)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,

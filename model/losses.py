@@ -223,6 +223,26 @@ def dpo_loss(
 REFERENCE_FREE = ("orpo", "simpo")  # preference losses without a reference model (train/dpo.py skips its pass)
 
 
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor | float,
+             beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 7) per example, all `(B,)`, on summed completion log-probs:
+
+        r    = log π(y|x) − log π_ref(y|x)                     (the implied reward is β·r)
+        loss = λ_D · (1 − σ(β (r − z₀)))   for a desirable y     (desirable = True)
+               λ_U · (1 − σ(β (z₀ − r)))   for an undesirable y
+
+    z₀ = `kl`, the reference point: max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x)) on mismatched
+    (prompt, completion) pairs, no gradient (train/dpo.py `kto_reference_point`). λ_D / λ_U: desirable_weight /
+    undesirable_weight. Returns (losses, rewards β·r), as TRL's `KTOTrainer` computes them (its loss is their mean).
+    """
+    r = policy_logps - ref_logps
+    kl = torch.as_tensor(kl, dtype=r.dtype, device=r.device)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
+    return losses, beta * r.detach()
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 − eˣ) for x < 0, without cancellation on either side of −ln 2."""
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))

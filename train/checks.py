@@ -10,7 +10,7 @@ from model.losses import REFERENCE_FREE
 from train.config import ConfigError
 
 
-DATA_FORMATS = ("auto", "text", "messages", "alpaca", "sharegpt", "preference", "hh_rlhf")
+DATA_FORMATS = ("auto", "text", "messages", "alpaca", "sharegpt", "preference", "hh_rlhf", "unpaired")
 
 
 def _one_of(key: str, value, allowed) -> None:
@@ -127,12 +127,22 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("lora.experts=true with ZeRO-3: expert adapters are merged by peft, which needs the full "
                           "expert weights in place; use deepspeed=zero2, or attention-only adapters (lora.experts=false)")
     if hasattr(cfg, "dpo"):
-        _one_of("dpo.loss_type", cfg.dpo.loss_type, ("sigmoid", "ipo", "hinge", "robust", *REFERENCE_FREE))
+        _one_of("dpo.loss_type", cfg.dpo.loss_type, ("sigmoid", "ipo", "hinge", "robust", "kto", *REFERENCE_FREE))
         _one_of("dpo.reference", cfg.dpo.reference, ("precomputed", "live", "adapters_off"))
         free = cfg.dpo.loss_type in REFERENCE_FREE
         if free and cfg.dpo.dpop_lambda:
             raise ConfigError(f"dpo.dpop_lambda={cfg.dpo.dpop_lambda} with dpo.loss_type={cfg.dpo.loss_type}: DPOP compares "
                               "with a reference model, which this loss does not have")
+        if cfg.dpo.loss_type == "kto":
+            for key, value, why in (("sft_weight", cfg.dpo.sft_weight, "KTO's examples are unpaired: there is no chosen answer for "
+                                     "an NLL term"), ("dpop_lambda", cfg.dpo.dpop_lambda, "DPOP is a pairwise margin"),
+                                    ("label_smoothing", cfg.dpo.label_smoothing, "KTO's loss has no label smoothing"),
+                                    ("mask_common_suffix", cfg.dpo.mask_common_suffix, "a shared ending needs a pair")):
+                if value:
+                    raise ConfigError(f"dpo.{key}={value} with dpo.loss_type=kto: {why}")
+            if cfg.dpo.desirable_weight <= 0 or cfg.dpo.undesirable_weight <= 0:
+                raise ConfigError(f"dpo.desirable_weight={cfg.dpo.desirable_weight}, dpo.undesirable_weight="
+                                  f"{cfg.dpo.undesirable_weight}: both must be > 0")
         if cfg.dpo.loss_type == "orpo" and cfg.dpo.sft_weight:
             raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight} with dpo.loss_type=orpo: ORPO's loss holds the chosen "
                               "answer's NLL at weight 1 already; leave dpo.sft_weight at 0")

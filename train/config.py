@@ -86,7 +86,7 @@ class RouterConfig:
 @dataclass
 class DataConfig:
     path: str = "synthetic"           # file, folder, hub dataset name, or "synthetic" (project-generated)
-    format: str = "auto"              # auto|text|messages|alpaca|sharegpt|preference|hh_rlhf
+    format: str = "auto"              # auto|text|messages|alpaca|sharegpt|preference|hh_rlhf|unpaired (KTO)
     split: str = "train"              # hub dataset split
     name: Optional[str] = None        # hub dataset config name
     text_field: str = "text"          # the field holding pretraining text
@@ -140,11 +140,13 @@ class LoraConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1                 # KL strength β of the DPO loss
-    loss_type: str = "sigmoid"        # sigmoid | ipo | hinge | robust (with a reference) | orpo | simpo (reference-free)
+    loss_type: str = "sigmoid"        # sigmoid | ipo | hinge | robust | kto (with a reference) | orpo | simpo (reference-free)
     label_smoothing: float = 0.0      # cDPO label smoothing (sigmoid loss)
     sft_weight: float = 0.0           # RPO-style NLL on chosen (ORPO: always 1, part of its loss)
     dpop_lambda: float = 0.0          # DPOP: λ·max(0, log π_ref(y_w) − log π(y_w)) taken off the margin
     simpo_gamma: float = 0.5          # SimPO's target margin γ (loss_type=simpo)
+    desirable_weight: float = 1.0     # KTO's λ_D on desirable examples' losses (loss_type=kto)
+    undesirable_weight: float = 1.0   # KTO's λ_U on undesirable examples' losses
     drift_every: int = 0              # routing drift without a reference pass (precomputed, orpo, simpo): one extra
                                       # reference forward every N steps (0: off; live / adapters_off: every step, free)
     drift_alarm: float = 0.0          # print an alarm when the mean router KL(policy ‖ reference) passes this (0: off)

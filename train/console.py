@@ -125,7 +125,7 @@ def loss_terms(values: dict, cfg) -> str:
     stage = [("dpo", 1.0), ("nll", 1.0 if orpo else cfg.dpo.sft_weight)] if "dpo" in values else [("ce", 1.0)]
     terms = [(k, w) for k, w in [*stage, ("aux", cfg.router.aux_loss_coef), ("z", cfg.router.z_loss_coef)]
              if w and k in values]
-    label = {"dpo": cfg.dpo.loss_type} if "dpo" in values and cfg.dpo.loss_type in ("orpo", "simpo") else {}
+    label = {"dpo": cfg.dpo.loss_type} if "dpo" in values and cfg.dpo.loss_type in ("kto", "orpo", "simpo") else {}
     parts = [f"{label.get(k, k)} {values[k]:.4f}" if w == 1.0 else f"{k} {w * values[k]:.4f} ({w:g} × {values[k]:.4f})"
              for k, w in terms]
     return f"loss {values['loss']:.4f} = " + " + ".join(parts)

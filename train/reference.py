@@ -60,8 +60,10 @@ def weights_fingerprint(cfg) -> dict:
 
 @torch.no_grad()
 def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int, tokenizer, run, adapters_off: bool = False,
-                  desc: str = "reference log-probs", mask_common_suffix: bool = False) -> torch.Tensor:
-    """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights.
+                  desc: str = "reference log-probs", mask_common_suffix: bool = False,
+                  answers: tuple[str, ...] = ("chosen_ids", "rejected_ids")) -> torch.Tensor:
+    """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights; with one
+    of `answers` (a KTO row, data/preference.py `collate`), its log-probs in column 0 and zeros in column 1.
 
     The pass runs the training's own micro-batches (`batches`, from step 0 until every pair has been seen),
     so each pair's values come from the forward in which training first meets it, with the same
@@ -83,7 +85,8 @@ def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int,
 
     for step in progress(range(steps), desc, enabled=run.main):
         for ix in batches.micro_batches(step, run.dp_rank, run.dp, micro):
-            b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer), tokenizer.pad_id)
+            b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer, answers),
+                          tokenizer.pad_id)
             with without_adapters(engine.module) if adapters_off else contextlib.nullcontext():
                 chosen, rejected, _, _ = answer_logps(engine, b)
             for j, i in enumerate(ix):
@@ -93,7 +96,8 @@ def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int,
 
 
 def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bool = False) -> torch.Tensor:
-    """Cached reference log-probs for every pair (computed on first use)."""
+    """Cached reference log-probs for every pair, `(n, 2)` (chosen, rejected), computed on first use. KTO: for
+    every example (completion, KL row's completion), each from the rows training runs (two passes)."""
     cache_dir = Path(cfg.data.cache_dir or run.out / "cache")
     key = fingerprint("ref-logps", file_sha(tokenizer.path), weights_fingerprint(cfg), cfg.precision, pairs,
                       "shared ending from a word boundary" if cfg.dpo.mask_common_suffix else False)
@@ -105,15 +109,20 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
         raise RuntimeError(f"resuming a DPO run whose reference cache {path} is missing: the reference must come from "
                            "the starting weights; rerun from step 0 (resume=false) or restore the cache")
     t0 = time.time()
-    table = compute_logps(engine, pairs, GlobalBatches(len(pairs), cfg.global_batch_size, cfg.seed), cfg.micro_batch_size,
-                          tokenizer, run, adapters_off=adapters_off,
-                          mask_common_suffix=cfg.dpo.mask_common_suffix)
+    batches = GlobalBatches(len(pairs), cfg.global_batch_size, cfg.seed)
+    if cfg.dpo.loss_type == "kto":
+        table = torch.stack([compute_logps(engine, pairs, batches, cfg.micro_batch_size, tokenizer, run, adapters_off,
+                                           desc=f"reference log-probs ({rows})", answers=(key,))[:, 0]
+                             for rows, key in (("completions", "completion_ids"), ("KL rows", "kl_ids"))], 1)
+    else:
+        table = compute_logps(engine, pairs, batches, cfg.micro_batch_size, tokenizer, run, adapters_off=adapters_off,
+                              mask_common_suffix=cfg.dpo.mask_common_suffix)
     if run.main:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(table, tmp)
         os.replace(tmp, path)
-        run.print(f"[{cfg.stage}] reference log-probs: computed for {len(pairs)} pairs in {time.time() - t0:.1f}s, "
+        run.print(f"[{cfg.stage}] reference log-probs: computed for {len(pairs)} {'examples' if cfg.dpo.loss_type == 'kto' else 'pairs'} in {time.time() - t0:.1f}s, "
                   f"cached at {path}")
     run.barrier()
     return table

@@ -7,7 +7,7 @@ import sys
 
 import torch.distributed as dist
 
-from data.dataset import DataReport, fit_pairs, load_canonical, pack_rows, tokenize
+from data.dataset import DataReport, fit_examples, fit_pairs, load_canonical, pack_rows, tokenize
 from data.hub import HubUnreachable
 from data.readers import RecordError
 from train import faults
@@ -34,6 +34,11 @@ def training_rows(cfg, kind: str, tokenizer, run: Run):
                 ds = tokenize(records, kind, tokenizer, cache_dir)
                 if kind == "preference":
                     rows = fit_pairs(ds, cfg.max_seq_len, cfg.dpo.max_prompt_len, report)
+                elif kind == "unpaired":
+                    try:
+                        rows = fit_examples(ds, cfg.max_seq_len, cfg.dpo.max_prompt_len, report)
+                    except ValueError as e:
+                        error = f"data error: {e}"
                 else:
                     rows = pack_rows(zip(ds["input_ids"], ds["labels"]), cfg.max_seq_len, tokenizer.pad_id,
                                      packing=cfg.data.packing, overlong=cfg.data.overlong, kind=kind, report=report)

@@ -26,6 +26,8 @@ CASES = {
     "long_context_memory.py": (["--model", "tiny", "--lengths", "256", "1024"], "sp2 / 1-rank activation at 1024 tokens"),
     "bf16_vs_fp32.py": (["--model", "tiny", "--steps", "3", "--stages", "sft"], "bf16 / fp32 sft tokens/s"),
     "qlora_memory.py": (["--hidden", "128", "--ffn", "256", "--layers", "2", "--steps", "2"], "qlora peak RSS ratio vs TRL"),
+    "prefs_vs_trl.py": (["--model", "tiny", "--steps", "2", "--max-len", "256", "--pairs", "8"],
+                        "prefs examples/s ratio vs TRL (lowest of kto, simpo, orpo)"),
 }
 
 
@@ -39,6 +41,9 @@ def test_benchmark_runs_and_prints_its_ratio(script, shared_data):
     m = re.fullmatch(re.escape(label) + r": (\d+\.\d\d)", last)
     assert m, last
     assert math.isfinite(float(m.group(1))) and float(m.group(1)) > 0
+    if script == "prefs_vs_trl.py":  # the trainer-level oracle: our stage's losses are TRL's trainers' (fp32, SGD)
+        gap = re.search(r"prefs largest first-steps loss gap vs TRL: (\S+)", proc.stdout)
+        assert gap and float(gap.group(1)) < 1e-5, proc.stdout[-3000:]
 
 
 def test_gpu_check_says_in_one_line_that_there_is_no_gpu():

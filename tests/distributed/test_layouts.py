@@ -279,21 +279,29 @@ def test_resume_fp32_zero0_on_another_layout(before, after, tmp_path):
     check_resume_elsewhere("sft", [*ELASTIC, "recipe=tiny/sft"], before, after, tmp_path)
 
 
-# Reference-free preference losses (dpo.loss_type=orpo | simpo): the same loop without a reference pass.
-FREE = {"orpo": ["recipe=tiny/orpo", "data.synthetic_samples=16", "optim.lr=2"],
-        "simpo": ["recipe=tiny/simpo", "data.synthetic_samples=16", "optim.lr=2", "dpo.beta=1"]}
+# The other preference losses (dpo.loss_type=kto | orpo | simpo): the same loop; ORPO and SimPO without a
+# reference pass, KTO with a reference point z₀ that must be the global batch's in every layout.
+PREFERENCE = {"kto": ["recipe=tiny/kto", "data.synthetic_samples=8", "optim.lr=0.5", "dpo.beta=1",
+                      "dpo.undesirable_weight=0.1"],  # steps that raise the completions' likelihood: z₀ > 0
+              "orpo": ["recipe=tiny/orpo", "data.synthetic_samples=16", "optim.lr=2"],
+              "simpo": ["recipe=tiny/simpo", "data.synthetic_samples=16", "optim.lr=2", "dpo.beta=1"]}
 
 
-@pytest.mark.parametrize("loss", ["orpo", pytest.param("simpo", marks=pytest.mark.layouts)])
-def test_reference_free_loss_zero3_ep2_equals_one_rank(loss, starts, tmp_path):
-    """ORPO / SimPO under ZeRO-3 + EP 2 train like one ZeRO-0 rank (fp32, 1e-4 relative), and neither computes
-    reference log-probs (no reference cache is written)."""
+@pytest.mark.parametrize("loss, layout", [
+    ("kto", "zero3_ep2"), *[pytest.param(loss, layout, marks=pytest.mark.layouts)
+                            for loss, layout in (("orpo", "zero3_ep2"), ("simpo", "zero3_ep2"), ("kto", "zero3_sp2"))]])
+def test_preference_loss_equals_one_rank(loss, layout, starts, tmp_path):
+    """KTO / ORPO / SimPO under ZeRO-3 + EP 2 (KTO also with sequence parallelism) train like one ZeRO-0 rank (fp32,
+    1e-4 relative); ORPO and SimPO compute no reference log-probs (no reference cache is written)."""
+    layouts = {**LAYOUTS, "zero3_sp2": (2, ["deepspeed=zero3", "sequence_parallel_size=2"])}
     runs = {}
-    for layout, nproc, overrides in (("one", 1, ["deepspeed=zero0"]), ("zero3_ep2", *LAYOUTS["zero3_ep2"])):
-        out = tmp_path / layout
-        proc = run_stage("dpo", out, [*FREE[loss], *EXACT, *starts["dpo"], *overrides], nproc=nproc, timeout=900)
-        assert not list(out.rglob("ref-logps-*")) and "reference log-probs" not in proc.stdout, proc.stdout[-2000:]
-        runs[layout] = losses(out, "loss")
-    one, got = runs["one"], runs["zero3_ep2"]
+    for name, nproc, overrides in (("one", 1, ["deepspeed=zero0"]), (layout, *layouts[layout])):
+        out = tmp_path / name
+        proc = run_stage("dpo", out, [*PREFERENCE[loss], *EXACT, *starts["dpo"], *overrides], nproc=nproc, timeout=900)
+        cached = bool(list(out.rglob("ref-logps-*"))) and "reference log-probs" in proc.stdout
+        assert cached == (loss == "kto"), proc.stdout[-2000:]
+        runs[name] = losses(out, "loss") + (losses(out, "kl") if loss == "kto" else [])
+    one, got = runs["one"], runs[layout]
     assert abs(one[2] - one[0]) > 1e-3, one  # the updates really change the model
+    assert loss != "kto" or max(one[3:]) > 0.1, one  # KTO's reference point z₀ is at work (not clamped to 0)
     assert got == pytest.approx(one, rel=1e-4), (loss, one, got)

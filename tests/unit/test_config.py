@@ -92,7 +92,10 @@ def test_recipe_with_unknown_key_fails(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, needle", [(["dpo.beta=0"], "dpo.beta=0"), (["dpo.dpop_lambda=-1"], "dpo.dpop_lambda=-1"),
-                                               (["dpo.loss_type=kto"], "dpo.loss_type"),
+                                               (["dpo.loss_type=kpo"], "dpo.loss_type"),
+                                               (["dpo.loss_type=kto", "dpo.sft_weight=1"], "no chosen answer for an NLL"),
+                                               (["dpo.loss_type=kto", "dpo.mask_common_suffix=true"], "needs a pair"),
+                                               (["dpo.loss_type=kto", "dpo.undesirable_weight=0"], "both must be > 0"),
                                                (["dpo.loss_type=orpo", "dpo.sft_weight=1"], "holds the chosen answer's NLL"),
                                                (["dpo.loss_type=simpo", "dpo.dpop_lambda=1"], "DPOP compares with a reference"),
                                                (["lora.enabled=true", "lora.train_router=true", "dpo.reference=adapters_off",
