@@ -16,6 +16,10 @@ the segments from attending to each other: one forward computes both sides. `seg
 1 / 2 on the chosen / rejected answer tokens (0 elsewhere); `router_mask` is False on padding
 and on the rejected segment's copy of the prompt, so the shared prompt is counted once in the
 router losses (its router logits are identical in both copies).
+
+Unpaired examples (KTO) {prompt, completion, label}: `encode_example`, the same over-long policy with one answer,
+and `with_kl_completions` gives each the mismatched completion of its KL row; `collate(..., answers=...)` lays
+out one answer per row.
 """
 
 from __future__ import annotations

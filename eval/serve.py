@@ -34,7 +34,7 @@ import torch
 from starlette.requests import Request  # module level: FastAPI resolves the handlers' annotations here
 
 from eval.config import ServeConfig, validate_eval
-from eval.requests import MAX_BODY_BYTES, BadRequest, Job, check_request
+from eval.request_checks import MAX_BODY_BYTES, BadRequest, Job, check_request
 from train import cli
 
 class Generator:

@@ -194,17 +194,24 @@ def dequantize_model(model: nn.Module) -> None:
                 setattr(module, name, linear)
 
 
+def expert_rows(offsets: torch.Tensor):
+    """(e, start, stop) for each expert e with rows: the rows [offsets[e−1], offsets[e]) of a batch sorted by
+    expert (transformers' grouped-GEMM layout; rows past the last offset belong to no expert)."""
+    start = 0
+    for e, stop in enumerate(offsets.tolist()):
+        if stop > start:
+            yield e, start, stop
+        start = stop
+
+
 def _per_expert(x: torch.Tensor, experts: NF4Experts, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Rows [offsets[e−1], offsets[e]) of x times expert e's weight W_e (transposed: x · W_e, else x · W_eᵀ),
     each W_e dequantized just before its product and dropped after it. Rows past the last offset stay 0.
     Bit for bit what transformers' `_grouped_linear` gives on the dequantized (E, ·, ·) tensor (tested)."""
     out = x.new_zeros(x.shape[0], experts.shape[2] if transposed else experts.shape[1])
-    start = 0
-    for e, stop in enumerate(offsets.tolist()):
-        if stop > start:
-            w = experts[e].dequantize()
-            out[start:stop] = x[start:stop] @ (w if transposed else w.T)
-        start = stop
+    for e, start, stop in expert_rows(offsets):
+        w = experts[e].dequantize()
+        out[start:stop] = x[start:stop] @ (w if transposed else w.T)
     return out
 
 
@@ -257,14 +264,10 @@ class ExpertLoRA(nn.Module):
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """s (x_S A_eᵀ) B_eᵀ for the rows of each expert (offsets as for `grouped_linear`; later rows get 0)."""
         a, b = self.factors()
-        pieces, start = [], 0
-        for e, stop in enumerate(offsets.tolist()):
-            if stop > start:
-                pieces.append((x[start:stop] @ a[e].T) @ b[e].T)
-            start = stop
-        if start < x.shape[0] or not pieces:
-            pieces.append(x.new_zeros(x.shape[0] - start, b.shape[1]))
-        return torch.cat(pieces) * self.scaling
+        out = x.new_zeros(x.shape[0], b.shape[1])
+        for e, start, stop in expert_rows(offsets):
+            out[start:stop] = (x[start:stop] @ a[e].T) @ b[e].T
+        return out * self.scaling
 
 
 def grouped_linear(x: torch.Tensor, weight, offsets: torch.Tensor, is_transposed: bool,

@@ -79,9 +79,9 @@ def drift_sums(policy_logits: Sequence[torch.Tensor], reference_logits: Sequence
             m_T = _flat_mask(mask, pol_TE.shape[0], pol_TE.device)
             logp, logq = F.log_softmax(pol_TE.float(), -1), F.log_softmax(ref_TE.float().to(pol_TE.device), -1)
             kl_T = (logp.exp() * (logp - logq)).sum(-1)
-            rows.append(torch.cat([torch.stack([(kl_T * m_T).sum(), m_T.sum()]).double().cpu(),
-                                   counts_p[l].double().cpu(), counts_q[l].double().cpu()]))
-    return torch.stack(rows)
+            rows.append(torch.cat([torch.stack([(kl_T * m_T).sum(), m_T.sum()]).double(),
+                                   counts_p[l].double().to(pol_TE.device), counts_q[l].double().to(pol_TE.device)]))
+        return torch.stack(rows).cpu()  # one device-to-host copy
 
 
 def routing_drift(sums_L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

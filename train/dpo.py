@@ -6,7 +6,7 @@ DeepSpeed ZeRO with expert parallelism.
 
 Data: {prompt, chosen, rejected} strings, UltraFeedback-style message lists, sharegpt with
 chosen/rejected, or HH-RLHF transcripts (data/formats.py) → one row per pair holding both answers
-as isolated segments (data/preference.py): ONE forward gives both log-probs.
+as isolated segments (data/preference.py): ONE forward gives both log-probs. KTO: below.
 
 Loss per optimizer step over the G pairs of the global batch (model/losses.py for the formulas):
     logp(y|x) = Σ_(answer tokens incl. </s>) log π(token)        (IPO, ORPO, SimPO: averaged over the tokens;

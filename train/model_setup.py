@@ -126,13 +126,13 @@ def build_engine(cfg, model, run: Run):
 
     mpu = sequence_parallel.setup(model, run.sp, cfg.micro_batch_size)
     run.grad_factor = sequence_parallel.gradient_factor(zero_stage(ds), run.sp)
-    quantized_ep = quantized_expert_parallel() if cfg.model.quantize != "none" and cfg.expert_parallel_size > 1 \
-        else contextlib.nullcontext()
-    with fp32_master_shared(), frozen_experts_dense(), quantized_ep:
+    quantized_ep = cfg.model.quantize != "none" and cfg.expert_parallel_size > 1  # QLoRA's experts, split over ranks
+    with fp32_master_shared(), frozen_experts_dense(), \
+            quantized_expert_parallel() if quantized_ep else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=mpu,
                                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     settle_zero0(engine)
-    if cfg.model.quantize != "none" and cfg.expert_parallel_size > 1:
+    if quantized_ep:
         settle_quantized_expert_parallel(engine)
     fp32_router_logits(engine.module)  # AutoEP built new routers inside initialize
     check_expert_placement(engine.module, placement(cfg, run, ds))

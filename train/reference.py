@@ -122,7 +122,8 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
         tmp = path.with_suffix(".tmp")
         torch.save(table, tmp)
         os.replace(tmp, path)
-        run.print(f"[{cfg.stage}] reference log-probs: computed for {len(pairs)} {'examples' if cfg.dpo.loss_type == 'kto' else 'pairs'} in {time.time() - t0:.1f}s, "
+        what = "examples" if cfg.dpo.loss_type == "kto" else "pairs"
+        run.print(f"[{cfg.stage}] reference log-probs: computed for {len(pairs)} {what} in {time.time() - t0:.1f}s, "
                   f"cached at {path}")
     run.barrier()
     return table

@@ -82,3 +82,26 @@ def test_real_preference_data(path, fmt, shared_data, tmp_path):
     m = metrics(out)
     assert len(m) == 2 and m[0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert "prompt truncated (left)" in proc.stdout or "answers truncated (right)" in proc.stdout
+
+
+def test_kto_live_and_adapters_off_references_equal_the_precomputed_one(tmp_path):
+    """KTO's reference (for the completions and for the KL rows of z₀) three ways: precomputed, a live engine, and
+    (LoRA) the policy with its adapters off give the same losses and z₀; the first loss is 0.5 (policy ==
+    reference, z₀ = 0), and the steps move it."""
+    kto = ["recipe=tiny/kto", "allow_random_init=true", "data.synthetic_samples=8", "max_steps=3", "optim.lr=3e-2",
+           "optim.schedule=constant", "optim.warmup_steps=0", "dpo.undesirable_weight=0.1", "export=false",
+           "deepspeed=zero0"]
+    runs = {}
+    for name, extra in (("precomputed", []), ("live", ["dpo.reference=live"])):
+        run_stage("dpo", tmp_path / name, [*kto, *extra], nproc=1)
+        runs[name] = [v for m in metrics(tmp_path / name) for v in (m["loss"], m["kl"])]
+    first = metrics(tmp_path / "precomputed")[0]  # each loss is half its weight: λ_D = 1, λ_U = 0.1
+    assert first["kl"] == 0.0 and first["dpo"] == pytest.approx((0.5 * first["desirable"] + 0.05 * (8 - first["desirable"])) / 8)
+    assert runs["live"] == pytest.approx(runs["precomputed"], rel=1e-5, abs=1e-7)
+    assert max(runs["precomputed"][1::2]) > 0  # z₀ at work
+    lora = {}
+    for name, extra in (("precomputed", []), ("adapters_off", ["dpo.reference=adapters_off"])):
+        run_stage("dpo", tmp_path / f"lora_{name}", [*kto, "lora.enabled=true", "optim.lr=1e-2", *extra], nproc=1)
+        lora[name] = [v for m in metrics(tmp_path / f"lora_{name}") for v in (m["loss"], m["kl"])]
+    assert lora["adapters_off"] == pytest.approx(lora["precomputed"], rel=1e-5, abs=1e-7)
+    assert lora["precomputed"][-2] != lora["precomputed"][0]

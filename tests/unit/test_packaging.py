@@ -28,3 +28,14 @@ def test_a_shadowing_package_of_the_same_name_is_named(tmp_path):
         assert last.startswith("ImportError: the package 'data' that Python finds first is "
                                f"{tmp_path / 'data' / '__init__.py'}"), last
         assert "install mixtral-tune in its own virtual environment" in last
+
+
+def test_no_script_folder_module_shadows_an_installed_package():
+    """`python train/sft.py` or `python eval/serve.py` put the script's folder first on sys.path: a module there named
+    like a library (eval/requests.py once) would replace that library for everything the script imports."""
+    import importlib.metadata
+
+    installed = set(sys.stdlib_module_names) | set(importlib.metadata.packages_distributions())
+    for folder in ("train", "eval", "bench", "data", "model"):
+        names = {p.stem for p in (REPO / folder).glob("*.py")} - {"__init__"}
+        assert not names & installed, (folder, sorted(names & installed))
