@@ -12,7 +12,7 @@ from helpers import REPO
 RUN = "/tmp/__no_such_run__"
 MISTAKES = [  # (script, arguments, text the one line must contain)
     ("train/sft.py", ["recipe=tiny/sfft", "max_steps=2"], "recipe 'tiny/sfft' not found; did you mean tiny/sft?"),
-    ("train/sft.py", ["recipe=nothing/like/it"], "recipes: "),
+    ("train/sft.py", ["recipe=qqqq/zzzzzzzz"], "recipes: "),
     ("train/sft.py", ["optim.lrr=1"], "unknown key 'optim.lrr'; did you mean optim.lr?"),
     ("train/sft.py", ["+optim.lrr=1"], "unknown key 'optim.lrr'"),
     ("train/sft.py", ["+foo=1"], "unknown key 'foo'"),
@@ -34,7 +34,7 @@ MISTAKES = [  # (script, arguments, text the one line must contain)
     ("train/pretrain.py", ["router.aux_loss_coef=-1"], "router.aux_loss_coef"),
     ("train/dpo.py", ["recipe=tiny/dpo"], "model_path is required"),
     ("train/dpo.py", ["recipe=tiny/dpo", "allow_random_init=true", "dpo.beta=0"], "dpo.beta=0.0: must be > 0"),
-    ("train/dpo.py", ["recipe=tiny/dpo", "allow_random_init=true", "dpo.loss_type=kto"], "dpo.loss_type='kto'"),
+    ("train/dpo.py", ["recipe=tiny/dpo", "allow_random_init=true", "dpo.loss_type=kpo"], "dpo.loss_type='kpo'"),
     ("train/dpo.py", ["recipe=tiny/dpo", "allow_random_init=true", "dpo.betta=1"], "unknown key 'dpo.betta'; did you mean dpo.beta?"),
     ("eval/passkey.py", [], "model_path is required"),
     ("eval/passkey.py", ["model_path=RUN"], "is a run folder: its export is model_path=RUN/hf"),
