@@ -30,6 +30,24 @@ def save_model(folder: Path, preset: str = "small", seed: int = 0) -> Path:
     return folder
 
 
+def demo_pairs(max_len: int, max_pairs: int | None) -> list[tuple[dict, dict]]:
+    """(canonical pair, its token ids) of dpo_en_demo.json that fit `max_len`, duplicates left out."""
+    from data.formats import canonical
+    from data.preference import encode_pair
+    from data.readers import read_records
+    from data.tokenizer import load_tokenizer
+
+    tok, out, seen = load_tokenizer(), [], set()
+    for r in read_records(str(SHARED / "llama_factory_demo" / "dpo_en_demo.json")):
+        c = canonical(r, "auto", "preference")
+        key = json.dumps(c, sort_keys=True)
+        p = encode_pair(c, tok)
+        if key not in seen and len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= max_len:
+            seen.add(key)
+            out.append((c, p))
+    return out[:max_pairs]
+
+
 def run_stage_measured(stage: str, overrides: list[str], out: Path) -> tuple[list[dict], float, str]:
     """`python train/<stage>.py` in one process (a world of one); returns (metrics rows, peak RSS MB, stdout)."""
     shutil.rmtree(out, ignore_errors=True)

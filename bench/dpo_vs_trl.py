@@ -27,30 +27,16 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import SHARED, run_stage_measured, run_worker, save_model
+from _common import demo_pairs, run_stage_measured, run_worker, save_model
 
 MICRO, GAS, LR, BETA = 4, 2, 1e-4, 0.1
 
 
 def prepare(tmp: Path, max_len: int, steps: int, preset: str, max_pairs: int | None = None) -> tuple[Path, Path, Path, int]:
     from data.dataset import GlobalBatches
-    from data.formats import canonical
-    from data.readers import read_records
-    from data.preference import encode_pair
-    from data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer()
     model_dir = save_model(tmp / "model", preset)
-    src = SHARED / "llama_factory_demo" / "dpo_en_demo.json"
-    recs, seen = [], set()
-    for r in read_records(str(src)):
-        c = canonical(r, "auto", "preference")
-        key = json.dumps(c, sort_keys=True)
-        p = encode_pair(c, tok)
-        if key not in seen and len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= max_len:
-            seen.add(key)
-            recs.append((c, p))
-    recs = recs[:max_pairs]
+    recs = demo_pairs(max_len, max_pairs)
     ours = tmp / "pairs.jsonl"
     ours.write_text("".join(json.dumps(c) + "\n" for c, _ in recs))
     order = [i for s in range(steps) for i in GlobalBatches(len(recs), MICRO * GAS, seed=0).global_rows(s)]

@@ -29,29 +29,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import SHARED, run_stage_measured, run_worker, save_model
+from _common import demo_pairs, run_stage_measured, run_worker, save_model
 
 MICRO, GAS, LR, BETA = 4, 2, 1e-4, 0.1
 SETTINGS = {"kto": {"beta": BETA}, "simpo": {"beta": 2.0, "simpo_gamma": 0.5}, "orpo": {"beta": BETA}}
 TRL_NAME = {"kto": "KTOTrainer", "simpo": "CPOTrainer(simpo)", "orpo": "ORPOTrainer"}
-
-
-def demo_pairs(max_len: int, max_pairs: int | None) -> list[tuple[dict, dict]]:
-    """(canonical pair, its token ids) of dpo_en_demo.json that fit `max_len`, duplicates left out."""
-    from data.formats import canonical
-    from data.preference import encode_pair
-    from data.readers import read_records
-    from data.tokenizer import load_tokenizer
-
-    tok, out, seen = load_tokenizer(), [], set()
-    for r in read_records(str(SHARED / "llama_factory_demo" / "dpo_en_demo.json")):
-        c = canonical(r, "auto", "preference")
-        key = json.dumps(c, sort_keys=True)
-        p = encode_pair(c, tok)
-        if key not in seen and len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= max_len:
-            seen.add(key)
-            out.append((c, p))
-    return out[:max_pairs]
 
 
 def write_data(tmp: Path, method: str, pairs: list[tuple[dict, dict]], order: list[int], split: str) -> tuple[Path, Path]:
