@@ -1,4 +1,4 @@
-"""Preference pairs → token ids, and the one-row-per-pair layout the DPO stage trains on.
+"""Preference pairs → token ids, and the packed layout the DPO stage trains on.
 
 A pair {prompt: messages ending with user, chosen: str, rejected: str} is encoded as
     prompt   = data.chat.encode_prompt(prompt)          (<s> [INST] ... [/INST])
@@ -9,17 +9,15 @@ Over-long pairs (prompt + longer answer > max_seq_len): the prompt is cut from t
 (keeping <s>) down to `max_prompt_len` or until it fits, then the answers are cut from the
 right; both are counted. A pair needs at least one answer token on each side.
 
-Layout (`collate`): each pair is ONE row holding two segments,
-    [prompt chosen][prompt rejected][padding]
-with position ids restarting at 0 per segment, so transformers' packed-sequence masking keeps
-the segments from attending to each other: one forward computes both sides. `segment` is
-1 / 2 on the chosen / rejected answer tokens (0 elsewhere); `router_mask` is False on padding
-and on the rejected segment's copy of the prompt, so the shared prompt is counted once in the
-router losses (its router logits are identical in both copies).
+Layout (`collate`): a micro-batch is ONE row of isolated segments, two per pair,
+    [prompt₁ chosen₁][prompt₁ rejected₁][prompt₂ chosen₂][prompt₂ rejected₂] ...
+with position ids restarting at 0 per segment, so the per-document attention keeps the segments
+from attending to each other: one forward computes every answer, with no padding. The DPO stage
+shares each prompt between its answers (`share_prompt`): the prompt runs through the model once.
 
 Unpaired examples (KTO) {prompt, completion, label}: `encode_example`, the same over-long policy with one answer,
 and `with_kl_completions` gives each the mismatched completion of its KL row; `collate(..., answers=...)` lays
-out one answer per row.
+out one answer per example.
 """
 
 from __future__ import annotations
@@ -119,11 +117,24 @@ def word_joins(tokenizer):
 
 
 def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, tokenizer=None,
-            answers: tuple[str, ...] = ("chosen_ids", "rejected_ids")) -> dict:
-    """Rows for a micro-batch of fitted pairs (each with prompt_ids/chosen_ids/rejected_ids), `(B, L)`.
+            answers: tuple[str, ...] = ("chosen_ids", "rejected_ids"), share_prompt: bool = False) -> dict:
+    """ONE row `(1, L)` holding a micro-batch of fitted pairs (each with prompt_ids/chosen_ids/rejected_ids) one
+    after the other, no padding; `pairs` in the result is how many it holds.
 
-    `answers` names the answers each row holds after its own copy of the prompt, segment k + 1 for
-    answers[k]: a KTO row holds one, ("completion_ids",) or its KL row ("kl_ids",).
+    Each pair lays out, for each of `answers`, a copy of the prompt and that answer: `segment` is k + 1 on the
+    tokens of answers[k] (1 chosen, 2 rejected), `pair` the pair's index in the micro-batch (read only where
+    there is a label). A KTO row holds one answer per example, ("completion_ids",) or its KL row ("kl_ids",).
+    Position ids restart at 0 with every copy of the prompt, so the per-document attention (model/attention.py,
+    or transformers' packed-sequence masking) keeps every segment to itself: one forward computes every answer
+    of every pair, and no token is padding (a row per pair, padded to the longest, was 27% padding on
+    dpo_en_demo's pairs). `router_mask` is False on repeated prompt tokens, so a prompt counts once in the router
+    losses (its router logits are the same in every copy).
+
+    `share_prompt` (the DPO stage, with the `packed_sdpa` attention): the answers after the first hold only the
+    prompt's last token and the answer, at positions len(prompt) − 1 onwards, and the attention gives them
+    the first answer's copy of the prompt as context (model/attention.py `shared_prefixes`): the same
+    log-probs, and each prompt runs through the model once instead of twice,
+        [prompt₁ chosen₁][p₁ rejected₁][prompt₂ chosen₂][p₂ rejected₂] ...     (p = the prompt's last token)
 
     A shared answer PREFIX cancels in the DPO margin by itself (same context, same log-probs under policy
     and reference). A shared SUFFIX does not: its tokens follow different text. `mask_common_suffix`
@@ -135,60 +146,63 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, to
     if mask_common_suffix and tokenizer is None:
         raise ValueError("collate(mask_common_suffix=True) needs the tokenizer: the shared ending starts at a word boundary")
     joins = word_joins(tokenizer) if mask_common_suffix else None
-    seqs = [[p["prompt_ids"] + p[key] for key in answers] for p in pairs]
-    width = max(sum(map(len, s)) for s in seqs)
-    B = len(seqs)
-    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
-    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((B, width), dtype=torch.long)
-    segment = torch.zeros((B, width), dtype=torch.long)
-    router_mask = torch.zeros((B, width), dtype=torch.bool)
-    for r, (p, seq) in enumerate(zip(pairs, seqs)):
-        n_p = len(p["prompt_ids"])
-        k = common_suffix(p["chosen_ids"], p["rejected_ids"], joins) if mask_common_suffix else 0
-        at = 0
-        for seg, ids in enumerate(seq, start=1):
-            n = len(ids)
-            input_ids[r, at:at + n] = torch.tensor(ids)
-            labels[r, at + n_p:at + n - k] = torch.tensor(ids[n_p:n - k])
-            segment[r, at + n_p:at + n] = seg
-            position_ids[r, at:at + n] = torch.arange(n)
-            router_mask[r, at + (n_p if seg > 1 else 0):at + n] = True  # the prompt counted once
-            at += n
-        position_ids[r, at:] = torch.arange(width - at)
+    segments = []  # (pair, segment, context ids, answer ids, first position)
+    for i, p in enumerate(pairs):
+        prompt = p["prompt_ids"]
+        for seg, key in enumerate(answers, start=1):
+            shared = share_prompt and seg > 1
+            segments.append((i, seg, prompt[-1:] if shared else prompt, p[key], len(prompt) - 1 if shared else 0))
+    width = sum(len(c) + len(a) for _, _, c, a, _ in segments)
+    input_ids = torch.full((1, width), pad_id, dtype=torch.long)
+    labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((1, width), dtype=torch.long)
+    segment = torch.zeros((1, width), dtype=torch.long)
+    pair = torch.zeros((1, width), dtype=torch.long)
+    router_mask = torch.zeros((1, width), dtype=torch.bool)
+    at = 0
+    for i, seg, context, answer, first in segments:
+        k = common_suffix(pairs[i]["chosen_ids"], pairs[i]["rejected_ids"], joins) if mask_common_suffix else 0
+        n_c, n = len(context), len(context) + len(answer)
+        input_ids[0, at:at + n] = torch.tensor(context + answer)
+        labels[0, at + n_c:at + n - k] = torch.tensor(answer[:len(answer) - k])
+        segment[0, at + n_c:at + n] = seg
+        pair[0, at:at + n] = i
+        position_ids[0, at:at + n] = torch.arange(first, first + n)
+        router_mask[0, at + (n_c if seg > 1 else 0):at + n] = True  # the prompt counted once
+        at += n
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "segment": segment, "router_mask": router_mask}
+            "segment": segment, "pair": pair, "router_mask": router_mask, "pairs": len(pairs)}
 
 
-def pair_logps(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, segment_BL: torch.Tensor, shifted: bool = False):
-    """Summed log-probs of the chosen and rejected answers, and their token counts, each `(B,)`, from logits
-    (eval; the DPO stage computes the log-probs from the LM head without logits and calls `answer_sums`).
+def pair_logps(logits_BLV: torch.Tensor, b: dict, shifted: bool = False):
+    """Summed log-probs of the chosen and rejected answers of the pairs of a collated batch `b`, and their token
+    counts, each `(b["pairs"],)`, from its logits (eval; the DPO stage computes the log-probs from the LM head
+    without logits and calls `answer_sums`).
 
     Only labelled positions are gathered (N of them), so no `(B, L, V)` fp32 log-softmax is built.
-    `shifted=True`: labels and segment are already those of the token each position predicts (a
-    sequence-parallel shard's `targets` / `target_segment`, model/sequence_parallel.py).
+    `shifted=True`: `b` holds the targets of each position (`targets`, `target_segment`, `target_pair`: a
+    sequence-parallel shard's, model/sequence_parallel.py) instead of `labels`, `segment`, `pair`.
     """
     if shifted:
-        targets, seg, logits_BLV = labels_BL, segment_BL, logits_BLV
+        targets, seg, pair = b["targets"], b["target_segment"], b["target_pair"]
     else:
-        targets, seg, logits_BLV = labels_BL[:, 1:], segment_BL[:, 1:], logits_BLV[:, :-1]
+        targets, seg, pair = b["labels"][:, 1:], b["segment"][:, 1:], b["pair"][:, 1:]
+        logits_BLV = logits_BLV[:, :-1]
     sel = targets != IGNORE_INDEX
     logp_N = torch.gather(logits_BLV[sel].float().log_softmax(-1), 1, targets[sel].unsqueeze(1)).squeeze(1)
-    return answer_sums(logp_N, targets, seg)
+    return answer_sums(logp_N, targets, seg, pair, b["pairs"])
 
 
-def answer_sums(logp_N: torch.Tensor, targets_BL: torch.Tensor, segment_BL: torch.Tensor):
-    """(chosen, rejected, n_chosen, n_rejected), each `(B,)`: the sums of `logp_N`, the log-probs of the positions
-    with a target (targets_BL ≠ IGNORE_INDEX, row-major order: `model.losses.token_logps`), over each row's
-    chosen (segment 1) and rejected (segment 2) answer, and how many positions each sum has."""
+def answer_sums(logp_N: torch.Tensor, targets_BL: torch.Tensor, segment_BL: torch.Tensor, pair_BL: torch.Tensor,
+                pairs: int):
+    """(chosen, rejected, n_chosen, n_rejected), each `(pairs,)`: the sums of `logp_N`, the log-probs of the
+    positions with a target (targets_BL ≠ IGNORE_INDEX, row-major order: `model.losses.token_logps`), over each
+    pair's chosen (segment 1) and rejected (segment 2) answer (`pair_BL`: which pair), and how many positions each
+    sum has."""
     sel = targets_BL != IGNORE_INDEX
-    rows_N = torch.nonzero(sel, as_tuple=True)[0]
-    seg_N = segment_BL[sel]
-    B, dtype, wide_N = targets_BL.shape[0], logp_N.dtype, logp_N.double()
-    out = []
-    for s in (1, 2):  # summed in fp64: an fp32 index_add's order, and so its last bits, depends on the batch's size
-        m = (seg_N == s).double()
-        out.append(torch.zeros(B, dtype=torch.float64, device=logp_N.device).index_add(0, rows_N, wide_N * m).to(dtype))
-        out.append(torch.zeros(B, dtype=torch.float64, device=logp_N.device).index_add(0, rows_N, m).to(dtype))
-    chosen, n_chosen, rejected, n_rejected = out
-    return chosen, rejected, n_chosen, n_rejected
+    slot_N = pair_BL[sel] * 2 + segment_BL[sel] - 1  # chosen of pair i → 2i, rejected → 2i + 1
+    wide_N = logp_N.double()  # summed in fp64: an fp32 index_add's order, and so its last bits, depends on the batch
+    sums = torch.zeros(2 * pairs, dtype=torch.float64, device=logp_N.device).index_add(0, slot_N, wide_N)
+    counts = torch.zeros(2 * pairs, dtype=torch.float64, device=logp_N.device).index_add(0, slot_N, torch.ones_like(wide_N))
+    sums, counts = sums.to(logp_N.dtype).view(pairs, 2), counts.to(logp_N.dtype).view(pairs, 2)
+    return sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1]

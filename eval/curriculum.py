@@ -59,14 +59,14 @@ def preference_eval(policy, reference, tokenizer, pairs: list[dict], beta: float
     enc = [encode_pair(p, tokenizer) for p in pairs]
     margins = []
     for s in range(0, len(enc), batch_size):
-        b = collate(enc[s:s + batch_size], tokenizer.pad_id)
+        b = {k: v.to(policy.device) if isinstance(v, torch.Tensor) else v
+             for k, v in collate(enc[s:s + batch_size], tokenizer.pad_id).items()}
         # use_cache=False: with a KV cache (an export's config.json says use_cache: true) transformers does not
         # build the per-segment mask from the restarting position ids, and the rejected answer attends to
         # the chosen one laid out before it in the row
-        kw = dict(input_ids=b["input_ids"].to(policy.device), position_ids=b["position_ids"].to(policy.device),
-                  use_cache=False)
-        pc, pr, _, _ = pair_logps(policy(**kw).logits, b["labels"].to(policy.device), b["segment"].to(policy.device))
-        rc, rr, _, _ = pair_logps(reference(**kw).logits, b["labels"].to(policy.device), b["segment"].to(policy.device))
+        kw = dict(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+        pc, pr, _, _ = pair_logps(policy(**kw).logits, b)
+        rc, rr, _, _ = pair_logps(reference(**kw).logits, b)
         margins += (beta * ((pc - rc) - (pr - rr))).tolist()
     return {"reward_accuracy": sum(m > 0 for m in margins) / len(margins), "reward_margin": sum(margins) / len(margins),
             "n": len(margins)}

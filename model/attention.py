@@ -9,10 +9,16 @@ skips the upper triangle), which gives the same result as the masked call (tests
 Documents are batched by length (powers of two), so a row of 40 short documents costs a handful of
 SDPA calls, not 40.
 
-Used only where it pays and is exact: training mode, on CPU, no KV cache (query length = key length),
+Used where it pays and is exact: training mode, on CPU, no KV cache (query length = key length),
 `position_ids` given, and more than one document in the batch; everything else (generation, eval,
 GPUs — where `flash_attention_2` does the same through `position_ids` — single documents) goes to
 transformers' `sdpa` unchanged. Registered as `attn_implementation: packed_sdpa` (the default).
+
+Shared prefixes: a document whose positions start at p > 0 reads the first p tokens of the nearest document
+before it that starts at 0 as its context (`shared_prefixes`). The DPO stage lays out a pair as
+[prompt chosen][last prompt token, rejected] (data/preference.py): the prompt is computed once, and the
+rejected answer attends to it and to itself. Rows with such documents take the per-document kernels on every
+device, in training (no mask that transformers derives from positions can express them).
 
 Shapes: B rows, S positions, Hq query heads, Hkv key/value heads, D head dim.
 """
@@ -38,6 +44,13 @@ def splits_documents_on(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def shares_prompts(model) -> bool:
+    """Whether DPO rows for `model` may share each pair's prompt between its answers (data/preference.py
+    `collate(share_prompt=True)`): under this module's attention, which reads shared prefixes from the positions;
+    flash_attention_2, sdpa or eager would read each answer without its prompt."""
+    return model.config._attn_implementation == NAME
+
+
 def document_spans(position_ids_BS: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the [start, end) spans of its documents: a new one wherever the position does not
     continue the previous one (a restart at 0, or padding)."""
@@ -50,17 +63,42 @@ def document_spans(position_ids_BS: torch.Tensor) -> list[list[tuple[int, int]]]
     return spans
 
 
-def length_buckets(spans: list[list[tuple[int, int]]], seq_len: int, min_len: int = 16) -> dict[int, torch.Tensor]:
-    """Documents grouped by their length rounded up to a power of two L: {L: (n, L) flat token indices
-    b·S + position}, each document right-padded by repeating its last index."""
-    by_len: dict[int, list[list[int]]] = {}
+def shared_prefixes(position_ids_BS: torch.Tensor, spans: list[list[tuple[int, int]]]) -> list[list[range]]:
+    """Per document of `spans`, the row positions of the tokens it continues (an empty range for most): a span
+    whose first position p is not 0 continues the first p tokens of the nearest span before it in its row that
+    starts at position 0 (and is at least p long). That is the DPO layout's second answer of a pair, which reads
+    its prompt from the first answer's segment (data/preference.py `collate`)."""
+    first = position_ids_BS.cpu()
+    out = []
     for b, row in enumerate(spans):
+        base, row_out = None, []
         for s, e in row:
-            bucket = max(min_len, 1 << (e - s - 1).bit_length())
-            first = b * seq_len + s
-            by_len.setdefault(bucket, []).append([first + min(i, e - s - 1) for i in range(bucket)])
-    return {bucket: torch.tensor(rows) for bucket, rows in by_len.items()}
+            p = int(first[b, s])
+            if p == 0:
+                base = (s, e)
+            shared = p > 0 and base is not None and base[1] - base[0] >= p
+            row_out.append(range(base[0], base[0] + p) if shared else range(0))
+        out.append(row_out)
+    return out
 
+
+def length_buckets(spans: list[list[tuple[int, int]]], seq_len: int, prefixes: list[list[range]] | None = None,
+                   min_len: int = 16) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Documents grouped by their length rounded up to a power of two L: {L: ((n, L) flat token indices
+    b·S + position, (n, L) True where the output is the document's own)}, each document right-padded by
+    repeating its last index. A document with a shared prefix (`shared_prefixes`) lists the prefix's tokens
+    first, as queries whose outputs are dropped: one causal call gives its own tokens the prefix as context."""
+    by_len: dict[int, tuple[list[list[int]], list[list[bool]]]] = {}
+    for b, row in enumerate(spans):
+        for d, (s, e) in enumerate(row):
+            lead = list(prefixes[b][d]) if prefixes is not None else []
+            idx = [b * seq_len + i for i in lead + list(range(s, e))]
+            bucket = max(min_len, 1 << (len(idx) - 1).bit_length())
+            keep = [False] * len(lead) + [True] * (e - s) + [False] * (bucket - len(idx))
+            rows, keeps = by_len.setdefault(bucket, ([], []))
+            rows.append(idx + [idx[-1]] * (bucket - len(idx)))
+            keeps.append(keep)
+    return {bucket: (torch.tensor(rows), torch.tensor(keeps)) for bucket, (rows, keeps) in by_len.items()}
 
 def packed_sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, attention_mask, dropout=0.0,
                                   scaling=None, position_ids=None, **kwargs):
@@ -71,15 +109,19 @@ def packed_sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, atte
     sees the padding after it); the real positions' outputs are put back in row order.
     """
     B, Hq, S, D = query_BHSD.shape
-    per_document = ((PER_DOCUMENT_ALWAYS[0] or (module.training and splits_documents_on(query_BHSD.device)))
-                    and position_ids is not None and S == key_BKSD.shape[2] > 1)
-    spans = document_spans(position_ids) if per_document else None
-    if spans is None or all(len(row) == 1 for row in spans):
+    spans = prefixes = None
+    if (PER_DOCUMENT_ALWAYS[0] or module.training) and position_ids is not None and S == key_BKSD.shape[2] > 1:
+        spans = document_spans(position_ids)
+        prefixes = shared_prefixes(position_ids, spans)
+    # shared prefixes (DPO's pairs) need these kernels on every device: a mask from the positions would hide them
+    shared = prefixes is not None and any(len(r) for row in prefixes for r in row)
+    if spans is None or all(len(row) == 1 for row in spans) or not (
+            shared or PER_DOCUMENT_ALWAYS[0] or splits_documents_on(query_BHSD.device)):
         return sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, attention_mask, dropout=dropout,
                                       scaling=scaling, position_ids=position_ids, **kwargs)
     q_THD, k_TKD, v_TKD = (x.transpose(1, 2).reshape(B * S, x.shape[1], D) for x in (query_BHSD, key_BKSD, value_BKSD))
     outs, where = [], []
-    for bucket, index_NL in length_buckets(spans, S).items():
+    for bucket, (index_NL, keep_NL) in length_buckets(spans, S, prefixes).items():
         index_NL = index_NL.to(query_BHSD.device)
         n = index_NL.shape[0]
         # index_select, not x[index]: its backward is an index_add, several times faster on CPU than the
@@ -88,9 +130,7 @@ def packed_sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, atte
                    for x in (q_THD, k_TKD, v_TKD))  # (n, H, L, D)
         o_NLHD = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
                                                 enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
-        real_NL = torch.ones_like(index_NL, dtype=torch.bool)
-        real_NL[:, 1:] = index_NL[:, 1:] != index_NL[:, :-1]  # the padding repeats the last index
-        keep = torch.nonzero(real_NL.flatten()).flatten()
+        keep = torch.nonzero(keep_NL.flatten()).flatten().to(query_BHSD.device)
         outs.append(o_NLHD.reshape(n * bucket, Hq, D).index_select(0, keep))
         where.append(index_NL.flatten()[keep])
     order_T = torch.argsort(torch.cat(where))

@@ -244,7 +244,7 @@ def batch_arithmetic(cfg, world_size: int) -> str:
         return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel groups of {sp} "
                 f"sequence-parallel ranks = {cfg.global_batch_size} {'pairs' if cfg.stage == 'dpo' else 'sequences'} "
                 f"of ≤{cfg.max_seq_len} tokens, {-(-cfg.max_seq_len // sp)} per rank")
-    if cfg.stage == "dpo":  # one row per pair, both answers in it
+    if cfg.stage == "dpo":  # a micro-batch's pairs packed into one row, both answers of each
         return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel ranks = "
                 f"{cfg.global_batch_size} preference pairs of ≤{cfg.max_seq_len} tokens per side")
     return (f"micro {cfg.micro_batch_size} × accumulation {gas} × {world_size} data-parallel ranks = "
@@ -258,3 +258,13 @@ def mark_moe_leaf_modules(model) -> int:
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     return len(set_z3_leaf_modules(model, [MixtralSparseMoeBlock]))
+
+
+def deepspeed_checkpoint_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19's ZeRO 0-3 / MoE checkpoints pickle (found by loading
+    every file of each kind of checkpoint with weights_only=True; tests/distributed resume them all)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]

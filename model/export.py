@@ -240,24 +240,25 @@ def probe_ids(vocab_size: int, seq_len: int = 32) -> torch.Tensor:
 
 def live_probe(engine, seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
     """(input_ids (2, seq_len), live logits (2, seq_len, V) fp32 on CPU, routing) of a fixed probe batch, where
-    routing is the live model's top-k expert choices, one (2·seq_len, K) tensor per layer (None under sequence
-    parallelism, whose shards route separately). All ranks run the forward (ZeRO-3/AutoEP need them)."""
+    routing is the live model's top-k expert choices, one (2·seq_len, K) tensor per layer (under sequence
+    parallelism gathered from the group's shards). All ranks run the forward (ZeRO-3/AutoEP need them)."""
     from model.router import RouterLogitsRecorder
 
     ids = probe_ids(engine.module.config.vocab_size, seq_len)
     was_training = engine.module.training
     engine.eval()
-    routing = None
+    recorder = RouterLogitsRecorder(engine.module)
     with torch.no_grad():
         if sequence_parallel.GROUP[0] is None:
-            recorder = RouterLogitsRecorder(engine.module)
             with recorder:
-                live = engine(input_ids=ids.to(engine.device), use_cache=False).logits.float().cpu()
-            recorder.remove()
-            k = engine.module.config.num_experts_per_tok
-            routing = [torch.topk(l.float(), k, dim=-1).indices.cpu() for l in recorder.logits]
-        else:  # each rank holds a shard of every row
-            live = sequence_parallel.whole_row_logits(engine, ids.to(engine.device)).float().cpu()
+                live = engine(input_ids=ids.to(engine.device), use_cache=False).logits
+            router_logits = recorder.logits
+        else:  # each rank holds a shard of every row: the group's logits and routing gathered in row order
+            live, router_logits = sequence_parallel.whole_row_logits(engine, ids.to(engine.device), recorder)
+    recorder.remove()
+    k = engine.module.config.num_experts_per_tok
+    routing = [torch.topk(l.float(), k, dim=-1).indices.cpu() for l in router_logits]
+    live = live.float().cpu()
     engine.train(was_training)
     release_zero3_params(engine)
     return ids, live, routing

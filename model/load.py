@@ -54,6 +54,13 @@ def expert_parallel_rank(rank: int, ep_size: int) -> int:
     return rank % ep_size
 
 
+def placement(ds: dict, rank: int) -> Placement:
+    """What `rank` keeps of the weights under the DeepSpeed config `ds` (model/distributed.py `deepspeed_config`)."""
+    ep = int(ds.get("expert_parallel", {}).get("autoep_size", 1))
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    return Placement(zero_stage=stage, ep_size=ep, ep_rank=expert_parallel_rank(rank, ep), ds_config=ds)
+
+
 def skeleton(config, dtype: torch.dtype, placement: Placement) -> nn.Module:
     """A `MixtralForCausalLM` whose parameters hold no weights yet: meta tensors, or (ZeRO-3) empty
     partitions created under `deepspeed.zero.Init` (whose `torch.empty` pages are never touched)."""

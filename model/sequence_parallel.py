@@ -23,6 +23,8 @@ position of a shard predicts the first token of the next one.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -30,11 +32,13 @@ from model.losses import IGNORE_INDEX
 
 GROUP: list = [None]  # this rank's sequence-parallel process group, once `setup` ran
 MPU: list = [None]    # DeepSpeed's groups object for every engine of the run (the DPO reference's too)
+ROWS: list = [1]      # rows per forward that DeepSpeed's attention was set up for (it checks the shape)
 
 
-def setup(model, size: int, micro_batch_size: int):
-    """Make the model's attention sequence-parallel over groups of `size` consecutive ranks; returns the
-    `mpu` for `deepspeed.initialize` (None when size is 1)."""
+def setup(model, size: int, rows: int):
+    """Make the model's attention sequence-parallel over groups of `size` consecutive ranks, for micro-batches
+    of `rows` rows (DeepSpeed's attention checks the shape); returns the `mpu` for `deepspeed.initialize`
+    (None when size is 1)."""
     if size == 1:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -48,10 +52,10 @@ def setup(model, size: int, micro_batch_size: int):
     try:
         mpu = UlyssesSPAttentionHF.register_with_transformers(
             model, core_attn_implementation=config._attn_implementation, sequence_parallel_size=size,
-            micro_batch_size=micro_batch_size, seq_length_is_variable=True)
+            micro_batch_size=rows, seq_length_is_variable=True)
     finally:
         config.head_dim = head_dim
-    GROUP[0], MPU[0] = mpu.get_sequence_parallel_group(), mpu
+    GROUP[0], MPU[0], ROWS[0] = mpu.get_sequence_parallel_group(), mpu, rows
     attention.PER_DOCUMENT_ALWAYS[0] = True  # the gathered rows come without a mask: documents by position ids
     return mpu
 
@@ -88,19 +92,21 @@ def shift(labels_BS: torch.Tensor) -> torch.Tensor:
 
 def shard(batch: dict, rank: int, size: int, pad_id: int) -> dict:
     """This rank's 1/size of every row of a micro-batch `(B, S)`, with `targets` (shifted labels) in place
-    of `labels` (and `target_segment` in place of DPO's `segment`). Rows are right-padded to a multiple of
-    `size`: padding is input `pad_id`, no target, masked out of the router losses, positions continuing
-    the row's last (so it never joins a document that comes before it)."""
-    out = dict(batch)
+    of `labels` (and `target_segment`, `target_pair` in place of DPO's `segment`, `pair`). Rows are right-padded
+    to a multiple of `size`: padding is input `pad_id`, no target, masked out of the router losses, positions
+    continuing the row's last (so it never joins a document that comes before it). Entries that are not
+    `(B, S)` tensors (DPO's count of `pairs`) are kept as they are."""
+    out = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "labels" in out:
         out["targets"] = shift(out.pop("labels"))
-    if "segment" in out:
-        out["target_segment"] = shift(out.pop("segment"))
+    for k in ("segment", "pair"):
+        if k in out:
+            out[f"target_{k}"] = shift(out.pop(k))
     S = out["input_ids"].shape[1]
     pad = -S % size
     if pad:
         last = out["position_ids"][:, -1:]
-        fill = {"input_ids": pad_id, "targets": IGNORE_INDEX, "target_segment": 0, "real_mask": False,
+        fill = {"input_ids": pad_id, "targets": IGNORE_INDEX, "target_segment": 0, "target_pair": 0, "real_mask": False,
                 "router_mask": False}
         for k, v in out.items():
             if k == "position_ids":
@@ -108,17 +114,35 @@ def shard(batch: dict, rank: int, size: int, pad_id: int) -> dict:
             else:
                 out[k] = torch.cat([v, torch.full((v.shape[0], pad), fill[k], dtype=v.dtype)], 1)
     n = (S + pad) // size
-    return {k: v[:, rank * n:(rank + 1) * n].contiguous() for k, v in out.items()}
+    rest = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
+    return {k: v[:, rank * n:(rank + 1) * n].contiguous() for k, v in out.items()} | rest
 
 
-def whole_row_logits(model, input_ids_BS: torch.Tensor) -> torch.Tensor:
+def whole_row_logits(model, input_ids_BS: torch.Tensor, recorder=None):
     """`(B, S, V)` logits of unpacked rows (positions 0..S-1) under a sequence-parallel model: every rank
-    of the group passes the same rows, runs its shard, and gets the whole rows' logits back."""
-    size = dist.get_world_size(GROUP[0])
-    S = input_ids_BS.shape[1]
-    position_ids = torch.arange(S, device=input_ids_BS.device).expand_as(input_ids_BS)
-    b = shard({"input_ids": input_ids_BS, "position_ids": position_ids}, dist.get_rank(GROUP[0]), size, pad_id=0)
-    logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits.contiguous()
-    parts = [torch.empty_like(logits) for _ in range(size)]
-    dist.all_gather(parts, logits, group=GROUP[0])
-    return torch.cat(parts, 1)[:, :S]
+    of the group passes the same rows, runs its shard, and gets the whole rows' logits back. The rows go
+    through in forwards of the size the attention was set up for (`ROWS`), the last one filled up with copies.
+    With a `RouterLogitsRecorder` (hooked on `model`), also each layer's router logits of the whole rows,
+    `(B·S, E)` in row order: returns (logits, router logits per layer or None)."""
+    size, rows = dist.get_world_size(GROUP[0]), ROWS[0]
+    B, S = input_ids_BS.shape
+    logits_out, routers = [], []
+
+    def whole(x_RnX: torch.Tensor) -> torch.Tensor:  # this rank's shard of each row → the group's whole rows
+        parts = [torch.empty_like(x_RnX) for _ in range(size)]
+        dist.all_gather(parts, x_RnX.contiguous(), group=GROUP[0])
+        return torch.cat(parts, 1)[:, :S]
+
+    for at in range(0, B, rows):
+        ids = input_ids_BS[at:at + rows]
+        ids = torch.cat([ids, ids[-1:].expand(rows - len(ids), S)]) if len(ids) < rows else ids
+        position_ids = torch.arange(S, device=ids.device).expand_as(ids)
+        b = shard({"input_ids": ids, "position_ids": position_ids}, dist.get_rank(GROUP[0]), size, pad_id=0)
+        with recorder if recorder is not None else contextlib.nullcontext():
+            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+        logits_out.append(whole(logits))
+        if recorder is not None:  # each layer's (rows · S/size, E) → (rows, S, E)
+            routers.append([whole(r.reshape(rows, -1, r.shape[-1])) for r in recorder.logits])
+    routing = None if recorder is None else [torch.cat([f[layer] for f in routers])[:B].flatten(0, 1)
+                                             for layer in range(len(routers[0]))]
+    return torch.cat(logits_out)[:B], routing

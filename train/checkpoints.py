@@ -15,18 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.distributed import deepspeed_checkpoint_globals, deepspeed_config
+from model.load import placement
 from train import elastic, faults
+from train.contract import complete_checkpoints
 from train.runtime import Run
 from train.stops import STOPS, NAMES, resume_command
 
 
 def checkpoint_dir(run: Run) -> Path:
     return run.out / "checkpoints"
-
-
-def complete_checkpoints(ckpt: Path) -> list[Path]:
-    """The published `step_<n>` folders, oldest first (a folder gets that name only once complete)."""
-    return sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
 
 
 def prepare_elastic_resume(cfg, run: Run, ds: dict) -> None:
@@ -105,9 +103,7 @@ def maybe_resume(engine, cfg, run: Run) -> tuple[int, dict]:
             run.print(f"[{cfg.stage}] removing {debris} (a checkpoint interrupted while being written)")
             shutil.rmtree(debris, ignore_errors=True)
     if run.resume_from is not None:  # another layout: the portable checkpoint, re-sliced for this one
-        from train.model_setup import placement
-
-        p = placement(cfg, run)
+        p = placement(deepspeed_config(cfg, run.world, run.dtype, run.model_config), run.rank)
         step = elastic.load_portable(engine, run.resume_from, run.model_config, p.ep_size, p.ep_rank)["step"]
         run.print(f"[{cfg.stage}] resumed from {run.resume_from} at step {step} (random states start afresh "
                   f"from seed {cfg.seed}: the old ranks' states do not map onto the new ones)")
@@ -155,16 +151,6 @@ def safe_checkpoint_loading(engine):
         yield
     finally:
         ce.load = original
-
-
-def deepspeed_checkpoint_globals() -> list:
-    """The non-tensor classes DeepSpeed 0.19's ZeRO 0-3 / MoE checkpoints pickle (found by loading
-    every file of each kind of checkpoint with weights_only=True; tests/distributed resume them all)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def end_of_step(engine, cfg, run: Run, guard: faults.NonFinite, step: int) -> None:

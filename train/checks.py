@@ -8,6 +8,7 @@ import os
 
 from model.losses import REFERENCE_FREE
 from train.config import ConfigError
+from train.contract import check_resume, earlier_work
 
 
 DATA_FORMATS = ("auto", "text", "messages", "alpaca", "sharegpt", "preference", "hh_rlhf", "unpaired")
@@ -198,20 +199,6 @@ RUN_FILES = ("metrics.jsonl", "config.yaml", "memory.json", "skipped.jsonl", "bu
              "hf.check_failed", "adapter", "checkpoints")
 
 
-def earlier_work(out: str) -> list[str]:
-    """What in `out` shows that a run took at least one step: logged steps, a checkpoint, an export. A run that
-    stopped before its first step (a data error, a bad layout) leaves only its config, logs and report."""
-    found = []
-    metrics = os.path.join(out, "metrics.jsonl")
-    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
-        found.append("metrics.jsonl")
-    ckpt = os.path.join(out, "checkpoints")
-    if os.path.isdir(ckpt) and any(n.startswith("step_") for n in os.listdir(ckpt)):
-        found.append("checkpoints")
-    found += [n for n in ("hf", "hf.check_failed", "adapter") if os.path.isdir(os.path.join(out, n))]
-    return found
-
-
 def check_output_dir(cfg) -> None:
     """A stage never writes over an earlier run by accident: an `output_dir` where a run took steps needs
     resume=true (continue it) or overwrite=true (start afresh; `start_afresh` clears it, keeping the tokenization
@@ -245,8 +232,6 @@ def start_afresh(cfg) -> None:
 
 def stage_checks(cfg) -> None:
     """Everything a stage checks from its config alone, before torch.distributed starts (train/cli.py)."""
-    from train.contract import check_resume
-
     validate(cfg)
     check_output_dir(cfg)
     check_resume(cfg)

@@ -72,8 +72,6 @@ def _changes(cfg, saved: dict) -> dict:
 def check_resume(cfg) -> None:
     """Refuse (ConfigError, one line) a resume that changes a key outside `MAY_CHANGE`, or that has no checkpoint
     to continue from in a folder where a run took steps."""
-    from train.checks import earlier_work
-
     out = os.path.expanduser(cfg.output_dir)
     work = earlier_work(out) if cfg.resume and os.path.isdir(out) else []
     if work and "checkpoints" not in work:
@@ -100,3 +98,22 @@ def resume_history(cfg, step: int | None) -> list[dict]:
     _, saved = found
     history = list(saved.get("resumes") or [])
     return history + [{"step": step, "changed": _changes(cfg, saved)}]
+
+
+def complete_checkpoints(ckpt: Path) -> list[Path]:
+    """The published `step_<n>` folders, oldest first (a folder gets that name only once complete)."""
+    return sorted((p for p in ckpt.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+
+
+def earlier_work(out: str) -> list[str]:
+    """What in `out` shows that a run took at least one step: logged steps, a checkpoint, an export. A run that
+    stopped before its first step (a data error, a bad layout) leaves only its config, logs and report."""
+    found = []
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        found.append("metrics.jsonl")
+    ckpt = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckpt) and any(n.startswith("step_") for n in os.listdir(ckpt)):
+        found.append("checkpoints")
+    found += [n for n in ("hf", "hf.check_failed", "adapter") if os.path.isdir(os.path.join(out, n))]
+    return found

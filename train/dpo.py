@@ -5,8 +5,8 @@ DeepSpeed ZeRO with expert parallelism.
     torchrun --nproc_per_node 8 train/dpo.py recipe=mixtral_8x7b/dpo model_path=<sft>/hf         # 8 GPUs
 
 Data: {prompt, chosen, rejected} strings, UltraFeedback-style message lists, sharegpt with
-chosen/rejected, or HH-RLHF transcripts (data/formats.py) → one row per pair holding both answers
-as isolated segments (data/preference.py): ONE forward gives both log-probs. KTO: below.
+chosen/rejected, or HH-RLHF transcripts (data/formats.py) → a micro-batch is one row holding both answers of
+every pair as isolated segments (data/preference.py): ONE forward gives every log-prob. KTO: below.
 
 Loss per optimizer step over the G pairs of the global batch (model/losses.py for the formulas):
     logp(y|x) = Σ_(answer tokens incl. </s>) log π(token)        (IPO, ORPO, SimPO: averaged over the tokens;
@@ -19,7 +19,7 @@ Loss per optimizer step over the G pairs of the global batch (model/losses.py fo
 (dpo.dpop_lambda > 0: DPO-Positive, model/losses.py.)
 
 KTO (dpo.loss_type=kto) trains on unpaired examples {prompt, completion, label} (or pairs split in two): one
-row per example, and before each step a no-grad pass over every example's KL row (its prompt with another
+segment per example, and before each step a no-grad pass over every example's KL row (its prompt with another
 prompt's completion) for the reference point z₀; then
     dpo  = (1/G) Σ_examples kto_loss(logp_π(y), logp_ref(y), label, z₀)        (summed log-probs)
 aux and z are taken on the policy pass with the shared prompt counted once. With policy == reference
@@ -35,6 +35,7 @@ import torch
 from data.chat import IGNORE_INDEX
 from data.dataset import GlobalBatches
 from data.preference import collate
+from model.attention import shares_prompts
 from model.lora import adapters_off, apply_lora
 from model.losses import REFERENCE_FREE, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from model.router import (ExpertLoadAccumulator, RouterLogitsRecorder, drift_sums, load_balancing_loss,
@@ -66,6 +67,7 @@ def main(cfg) -> None:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, run.dtype)
     engine, guard = build_engine(cfg, model, run)
+    share_prompt = not kto and shares_prompts(model)  # each prompt computed once per pair (data/preference.py)
     recorder = RouterLogitsRecorder(engine.module)
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
     balance = ExpertLoadAccumulator(top_k) if cfg.router.global_batch else None
@@ -76,9 +78,10 @@ def main(cfg) -> None:
     free = loss_type in REFERENCE_FREE  # ORPO, SimPO: no reference pass, no reference cache
     if cfg.dpo.reference == "precomputed" and not free:
         if step > 0:  # resumed: the cache was written from the starting weights before step 1
-            ref_table = reference.precomputed(None, cfg, run, pairs, tokenizer)
+            ref_table = reference.precomputed(None, cfg, run, pairs, tokenizer, share_prompt=share_prompt)
         else:
-            ref_table = reference.precomputed(engine, cfg, run, pairs, tokenizer, adapters_off=cfg.lora.enabled)
+            ref_table = reference.precomputed(engine, cfg, run, pairs, tokenizer, adapters_off=cfg.lora.enabled,
+                                              share_prompt=share_prompt)
     # routing drift: measured on every micro-batch where a reference forward runs anyway (live, adapters_off),
     # else (dpo.drift_every) on the first micro-batch of every N-th step with one extra reference forward: the
     # policy with its adapters off (LoRA), or a live copy of the starting model (full fine-tuning)
@@ -99,8 +102,8 @@ def main(cfg) -> None:
     def collated(index: list[list[int]], keys: tuple[str, ...]) -> list[dict]:
         """This rank's micro-batches of pairs (its data-parallel group's) as rows holding the answers `keys`, and
         with sequence parallelism its share of their tokens."""
-        return [run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix, tokenizer, keys),
-                          tokenizer.pad_id) for ix in index]
+        return [run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, cfg.dpo.mask_common_suffix, tokenizer, keys,
+                                  share_prompt), tokenizer.pad_id) for ix in index]
 
     metrics = Metrics(cfg, run, step, recorder.num_layers, num_experts)
     average = loss_type in ("ipo", "orpo", "simpo")  # these compare per-token averages of the log-probs

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from model.distributed import zero_stage
+from model.distributed import deepspeed_checkpoint_globals, zero_stage
 
 LAYOUT_FILE = "layout.json"
 LAYOUT_KEYS = ("world_size", "expert_parallel_size", "zero_stage")  # what may change on resume
@@ -119,8 +119,6 @@ def write_portable(source: Path, out: Path, log: Path) -> None:
 def _from_zero0(source: Path, layout: dict):
     """(name, state) from a ZeRO-0 checkpoint: the module's state dict and the torch optimizer's (bf16/fp16:
     the fp32 masters and the torch optimizer's state inside DeepSpeed's `FP16_UnfusedOptimizer` state)."""
-    from train.checkpoints import deepspeed_checkpoint_globals
-
     with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
         sd = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True, mmap=True)
     optimizer, masters = sd["optimizer"], None

@@ -10,7 +10,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from train import console, faults
-from train.checkpoints import checkpoint_dir, complete_checkpoints, save_checkpoint
+from train.checkpoints import checkpoint_dir, save_checkpoint
+from train.contract import complete_checkpoints
 from train.runtime import Run
 
 

@@ -15,7 +15,7 @@ from model.build import build_model, model_folder
 from model.distributed import (deepspeed_config, fp32_master_shared, frozen_experts_dense, mark_moe_leaf_modules,
                                quantized_expert_parallel, settle_quantized_expert_parallel, settle_zero0, zero_stage)
 from model.head import install_lm_head
-from model.load import Placement, check_expert_placement, expert_parallel_rank
+from model.load import check_expert_placement, placement
 from model.router import fp32_router_logits
 from train import faults
 from train.checkpoints import prepare_elastic_resume
@@ -124,7 +124,8 @@ def build_engine(cfg, model, run: Run):
                                                           eps=cfg.optim.eps, fused=fused))
         return made[-1]
 
-    mpu = sequence_parallel.setup(model, run.sp, cfg.micro_batch_size)
+    rows = 1 if cfg.stage == "dpo" else cfg.micro_batch_size  # a DPO micro-batch is one row (data/preference.py)
+    mpu = sequence_parallel.setup(model, run.sp, rows)
     run.grad_factor = sequence_parallel.gradient_factor(zero_stage(ds), run.sp)
     quantized_ep = cfg.model.quantize != "none" and cfg.expert_parallel_size > 1  # QLoRA's experts, split over ranks
     with fp32_master_shared(), frozen_experts_dense(), \
@@ -135,7 +136,7 @@ def build_engine(cfg, model, run: Run):
     if quantized_ep:
         settle_quantized_expert_parallel(engine)
     fp32_router_logits(engine.module)  # AutoEP built new routers inside initialize
-    check_expert_placement(engine.module, placement(cfg, run, ds))
+    check_expert_placement(engine.module, placement(ds, run.rank))
     set_mmap_threshold((4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log.set_mmap_threshold
     run.memory.end("engine")
     if run.world == 1 and zero_stage(ds) == 0 and run.dtype == torch.float32:
@@ -143,13 +144,6 @@ def build_engine(cfg, model, run: Run):
         # bucket, reduce it over one rank and copy it back (~3% of a CPU step, BENCHMARKS.md).
         engine.enable_backward_allreduce = False
     return engine, faults.NonFinite(made[-1], cfg.max_bad_steps)
-
-
-def placement(cfg, run: Run, ds: dict | None = None) -> Placement:
-    """What this rank keeps of the weights under the stage's layout (model/load.py)."""
-    ds = ds if ds is not None else deepspeed_config(cfg, run.world, run.dtype, run.model_config)
-    ep = int(ds.get("expert_parallel", {}).get("autoep_size", 1))
-    return Placement(zero_stage=zero_stage(ds), ep_size=ep, ep_rank=expert_parallel_rank(run.rank, ep), ds_config=ds)
 
 
 def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
@@ -164,7 +158,8 @@ def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
             model_folder(cfg.model_path)
         run.barrier()
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), model_path=cfg.model_path,
-                        dtype=run.dtype, seed=cfg.seed, placement=placement(cfg, run, ds))
+                        dtype=run.dtype, seed=cfg.seed,
+                        placement=placement(ds or deepspeed_config(cfg, run.world, run.dtype, run.model_config), run.rank))
     install_lm_head(model)
     run.memory.end(phase)
     return model

@@ -35,14 +35,14 @@ from model.sequence_parallel import group_sum
 
 
 def answer_logps(model, b: dict) -> tuple[torch.Tensor, ...]:
-    """(chosen, rejected, n_chosen, n_rejected), each `(B,)`, of a collated (and sequence-sharded) batch `b` of
+    """(chosen, rejected, n_chosen, n_rejected), each `(b["pairs"],)`, of a collated (and sequence-sharded) batch `b` of
     pairs under `model` (an engine, the policy or a reference): one forward that computes no logits, the
     answer tokens' log-probs from the LM head in chunks (`token_logps`), summed per answer and over the
     sequence-parallel group (the gradient flows through this rank's tokens)."""
     with final_hidden(model) as hidden:
         model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False, logits_to_keep=NO_LOGITS)
     logp_N = token_logps(hidden[0], model.get_output_embeddings(), b["targets"])
-    return tuple(map(group_sum, answer_sums(logp_N, b["targets"], b["target_segment"])))
+    return tuple(map(group_sum, answer_sums(logp_N, b["targets"], b["target_segment"], b["target_pair"], b["pairs"])))
 
 
 def weights_fingerprint(cfg) -> dict:
@@ -61,7 +61,7 @@ def weights_fingerprint(cfg) -> dict:
 @torch.no_grad()
 def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int, tokenizer, run, adapters_off: bool = False,
                   desc: str = "reference log-probs", mask_common_suffix: bool = False,
-                  answers: tuple[str, ...] = ("chosen_ids", "rejected_ids")) -> torch.Tensor:
+                  answers: tuple[str, ...] = ("chosen_ids", "rejected_ids"), share_prompt: bool = False) -> torch.Tensor:
     """`(n_pairs, 2)` float64 summed log-probs of (chosen, rejected) under `engine`'s current weights; with one
     of `answers` (a KTO row, data/preference.py `collate`), its log-probs in column 0 and zeros in column 1.
 
@@ -85,8 +85,8 @@ def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int,
 
     for step in progress(range(steps), desc, enabled=run.main):
         for ix in batches.micro_batches(step, run.dp_rank, run.dp, micro):
-            b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer, answers),
-                          tokenizer.pad_id)
+            b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer, answers,
+                                  share_prompt), tokenizer.pad_id)
             with without_adapters(engine.module) if adapters_off else contextlib.nullcontext():
                 chosen, rejected, _, _ = answer_logps(engine, b)
             for j, i in enumerate(ix):
@@ -95,12 +95,15 @@ def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int,
     return all_reduce_here(table)
 
 
-def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bool = False) -> torch.Tensor:
-    """Cached reference log-probs for every pair, `(n, 2)` (chosen, rejected), computed on first use. KTO: for
-    every example (completion, KL row's completion), each from the rows training runs (two passes)."""
+def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bool = False,
+                share_prompt: bool = False) -> torch.Tensor:
+    """Cached reference log-probs for every pair, `(n, 2)` (chosen, rejected), computed on first use from the rows
+    training runs (`share_prompt`: its layout, data/preference.py `collate`). KTO: for every example (completion,
+    KL row's completion), each from the rows training runs (two passes)."""
     cache_dir = Path(cfg.data.cache_dir or run.out / "cache")
     key = fingerprint("ref-logps", file_sha(tokenizer.path), weights_fingerprint(cfg), cfg.precision, pairs,
-                      "shared ending from a word boundary" if cfg.dpo.mask_common_suffix else False)
+                      "shared ending from a word boundary" if cfg.dpo.mask_common_suffix else False,
+                      "one row per micro-batch" + (", prompt shared by the answers" if share_prompt else ""))
     path = cache_dir / f"ref-logps-{key}.pt"
     if path.is_file():
         run.print(f"[{cfg.stage}] reference log-probs: loaded from cache {path}")
@@ -116,7 +119,7 @@ def precomputed(engine, cfg, run, pairs: list[dict], tokenizer, adapters_off: bo
                              for rows, key in (("completions", "completion_ids"), ("KL rows", "kl_ids"))], 1)
     else:
         table = compute_logps(engine, pairs, batches, cfg.micro_batch_size, tokenizer, run, adapters_off=adapters_off,
-                              mask_common_suffix=cfg.dpo.mask_common_suffix)
+                              mask_common_suffix=cfg.dpo.mask_common_suffix, share_prompt=share_prompt)
     if run.main:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

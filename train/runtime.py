@@ -23,7 +23,7 @@ from model.build import resolve_dtype
 from model.distributed import accumulation_steps, batch_arithmetic, zero_stage
 from train import console, faults, preflight
 from train.checks import check_output_dir, start_afresh, validate
-from train.contract import check_resume, resume_history
+from train.contract import check_resume, complete_checkpoints, resume_history
 from train.config import ConfigError
 from train.memory_log import PhaseMemory
 from train.stops import STOPS
@@ -65,7 +65,7 @@ class Run:
         """A micro-batch as this rank trains it, on its device: its share of each row's tokens (all of them
         without sequence parallelism), `labels` shifted to `targets` (model/sequence_parallel.py)."""
         b = sequence_parallel.shard(batch, self.rank % self.sp, self.sp, pad_id)
-        return {k: v.to(self.device) for k, v in b.items()}
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
     def print(self, *args) -> None:
         if self.main:
@@ -125,8 +125,6 @@ def start(cfg) -> Run:
               out=Path(cfg.output_dir), gas=accumulation_steps(cfg, world),
               sp=sp, model_config=model_cfg)
     if run.main:  # what this segment runs with, and what each resume changed (train/contract.py)
-        from train.checkpoints import complete_checkpoints  # (it imports this module)
-
         tags = complete_checkpoints(run.out / "checkpoints")
         history = resume_history(cfg, int(tags[-1].name.split("_")[1]) if tags else None)
         (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True)

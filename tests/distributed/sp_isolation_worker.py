@@ -44,7 +44,7 @@ def main(out: str) -> None:
     ce_alone = sum(float(torch.nn.functional.cross_entropy(l[:-1], d[1:], reduction="sum"))
                    for l, d in zip(alone["train"], docs))
 
-    sequence_parallel.setup(model, world, micro_batch_size=1)
+    sequence_parallel.setup(model, world, rows=1)
     row = {"input_ids": torch.cat(docs)[None], "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
     labels = row["input_ids"].clone()
     labels[0, torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)] = IGNORE_INDEX  # nothing predicts a document's start

@@ -56,7 +56,8 @@ MISTAKES = [  # (script, arguments, text the one line must contain)
 
 COMMANDS = [("train/pretrain.py", "pretrain"), ("train/sft.py", "sft"), ("train/dpo.py", "dpo"),
             ("eval/passkey.py", "passkey"), ("eval/mt_bench.py", "mt_bench"), ("eval/serve.py", "serve"),
-            ("eval/chat.py", "chat"), ("eval/routing.py", "routing"), ("train/pipeline.py", "pipeline")]
+            ("eval/chat.py", "chat"), ("eval/routing.py", "routing"), ("train/pipeline.py", "pipeline"),
+            ("eval/pipeline_report.py", "pipeline")]
 
 
 @pytest.mark.parametrize("script, config_name", COMMANDS)

@@ -73,7 +73,7 @@ def test_matches_trl_kto_trainer(weights, tokenizer, tmp_path):
 
     from model.build import build_model
     from model.head import install_lm_head
-    from model.sequence_parallel import shift
+    from model.sequence_parallel import shard
     from train.config import compose
     from train.reference import answer_logps
 
@@ -89,7 +89,7 @@ def test_matches_trl_kto_trainer(weights, tokenizer, tmp_path):
     kls = []
     for order in ((0, 1), (1, 0)):
         policy, ref = (AutoModelForCausalLM.from_pretrained(tmp_path / f"m{s}").eval() for s in order)
-        args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False,
                          beta=0.2, desirable_weight=weights[0], undesirable_weight=weights[1],
                          precompute_ref_log_probs=False, router_aux_loss_coef=0.0)  # the KTO loss alone
         trainer = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dummy, processing_class=hf_tok)
@@ -101,8 +101,7 @@ def test_matches_trl_kto_trainer(weights, tokenizer, tmp_path):
             install_lm_head(policy), install_lm_head(ref)
             logps = {}
             for key in ("completion_ids", "kl_ids"):
-                b = collate(examples, tokenizer.pad_id, answers=(key,))
-                b = {**b, "targets": shift(b["labels"]), "target_segment": shift(b["segment"])}
+                b = shard(collate(examples, tokenizer.pad_id, answers=(key,)), 0, 1, tokenizer.pad_id)
                 logps[key] = [answer_logps(m, b)[0].double() for m in (policy, ref)]
         desirable = torch.tensor([e["label"] for e in examples])
         z0 = (logps["kl_ids"][0] - logps["kl_ids"][1]).mean().clamp(min=0)
