@@ -54,6 +54,7 @@ def validate(cfg, world_size: int | None = None) -> None:
     if cfg.model_path is None and cfg.max_seq_len > positions:  # with model_path: its config.json's (train/preflight.py)
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={positions}")
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
+    check_deepspeed_section(cfg.deepspeed or {})
     accumulate = ((cfg.deepspeed or {}).get("data_types") or {}).get("grad_accum_dtype")
     if accumulate in ("fp32", "float32") and (cfg.deepspeed.get("zero_optimization") or {}).get("stage") in (0, 1, None):
         # ZeRO-1 + bf16 + fp32 accumulation is DeepSpeed's BF16_Optimizer: with this project's loop its gradient
@@ -235,3 +236,38 @@ def stage_checks(cfg) -> None:
     validate(cfg)
     check_output_dir(cfg)
     check_resume(cfg)
+
+
+def check_deepspeed_section(ds) -> None:
+    """The `deepspeed:` section (the group deepspeed=zero0..3 and any `deepspeed.*` override), checked before
+    anything loads: `zero_optimization` against DeepSpeed's own schema (which rejects an unknown key, but only
+    inside `deepspeed.initialize`, after the model loaded), and every top-level key that is not one DeepSpeed
+    defines but resembles one (a typo DeepSpeed would ignore silently: `zero_optimisation`)."""
+    import difflib
+
+    import deepspeed.runtime.constants as ds_constants
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    known = {v for k, v in vars(ds_constants).items() if k.isupper() and isinstance(v, str)}
+    known |= {"zero_optimization", "expert_parallel", "sequence_parallel_size", "tensorboard", "wandb", "csv_monitor",
+              "comet", "compile", "zenflow"}
+    for key in ds:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if key not in known and close:
+            raise ConfigError(f"deepspeed.{key}: not a DeepSpeed key; did you mean deepspeed.{close[0]}?")
+    zero = dict(ds.get("zero_optimization") or {})
+    fields = set(DeepSpeedZeroConfig.model_fields) | {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+    for key in zero:
+        if key not in fields and not _zero_alias_accepted(DeepSpeedZeroConfig, key, zero[key]):
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            raise ConfigError(f"deepspeed.zero_optimization.{key}: not a key of DeepSpeed's zero_optimization"
+                              + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def _zero_alias_accepted(schema, key: str, value) -> bool:
+    """Whether DeepSpeed's ZeRO schema takes `key` (deprecated names and aliases included) on its own."""
+    try:
+        schema(**{"stage": 0, key: value})
+        return True
+    except Exception:  # noqa: BLE001 - pydantic's ValidationError: an extra (forbidden) key, or a bad value
+        return False

@@ -37,6 +37,7 @@ from train import console
 from train.config import CONFIG_DIR, ConfigError
 
 RECIPE_DIR = Path(CONFIG_DIR) / "recipe"
+STAGES = ("pretrain", "sft", "dpo")
 
 
 def recipes() -> list[str]:
@@ -44,15 +45,12 @@ def recipes() -> list[str]:
                   if not p.name.startswith("_"))
 
 
-def recipe_stage(recipe: str) -> str:
-    """The stage a recipe is for: the `train/<stage>.py` its header's usage line runs, else its name's first
-    word (recipes/tiny/sft.yaml, recipes/mixtral_8x7b/sft_lora.yaml)."""
-    import re
+def recipe_stage(recipe: str) -> str | None:
+    """The stage a recipe is for: its `stage:` key (None for a recipe that does not exist)."""
+    import yaml
 
     path = RECIPE_DIR / f"{recipe}.yaml"
-    header = path.read_text() if path.is_file() else ""
-    m = re.search(r"train/(pretrain|sft|dpo)\.py", "\n".join(l for l in header.splitlines() if l.startswith("#")))
-    return m.group(1) if m else Path(recipe).name.split("_")[0]
+    return yaml.safe_load(path.read_text()).get("stage") if path.is_file() else None
 
 
 def _close(word: str, options) -> str:
@@ -128,6 +126,9 @@ def compose_strict(config_name: str, overrides: list[str], schema):
         if key.lstrip("+~") == "recipe" and value not in ("", "null") and value not in recipes():
             hint = _close(value, recipes()) or f" (recipes: {', '.join(recipes())})"
             raise ConfigError(f"recipe '{value}' not found{hint}")
+        if key.lstrip("+~") == "recipe" and config_name in STAGES and recipe_stage(value) not in (None, config_name):
+            raise ConfigError(f"recipe {value} is for {recipe_stage(value)} (its stage: key): run it with "
+                              f"train/{recipe_stage(value)}.py, not train/{config_name}.py")
     try:
         cfg = compose(config_name, overrides)
     except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many kinds; each becomes one line
@@ -139,6 +140,8 @@ def compose_strict(config_name: str, overrides: list[str], schema):
     unknown = _unknown_keys(cfg, schema)
     if unknown:
         raise ConfigError(f"unknown key '{unknown[0]}'{_close(unknown[0], _schema_keys(schema)[0])}")
+    if config_name in STAGES and cfg.stage != config_name:  # stage= on the command line
+        raise ConfigError(f"stage={cfg.stage}: the stage is the command's; run train/{cfg.stage}.py instead")
     return cfg
 
 
@@ -307,7 +310,7 @@ def main(config_name: str, schema, check=None):
 
             console.setup()
             flags, argv = _launch_flags(sys.argv[1:])
-            training = config_name in ("pretrain", "sft", "dpo")
+            training = config_name in STAGES
             if "--help" in argv or "-h" in argv:
                 print(usage.help_text(f"{Path(sys.argv[0]).parent.name}/{Path(sys.argv[0]).name}", config_name, schema,
                                       [r for r in recipes() if recipe_stage(r) == config_name] if training else [],

@@ -49,7 +49,6 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5        # RMSNorm epsilon
     sliding_window: Optional[int] = None  # null: full attention
     router_jitter_noise: float = 0.0  # multiplicative noise on router inputs in training (0: none)
-    router_aux_loss_coef: float = 0.02  # HF config value, saved in exports; training uses router.aux_loss_coef
     tie_word_embeddings: bool = False  # share the embedding and LM head
     initializer_range: float = 0.02   # std of the random init (presets trained from scratch)
     hidden_act: str = "silu"          # expert activation
@@ -157,7 +156,7 @@ class DPOConfig:
 
 @dataclass
 class StageConfig:
-    stage: str = MISSING              # pretrain | sft | dpo (set by the command)
+    stage: str = MISSING              # pretrain | sft | dpo: the command's (a recipe's stage: key must match it)
     output_dir: str = MISSING         # where the run writes: config.yaml, metrics.jsonl, checkpoints/, hf/
     max_steps: int = 100              # optimizer steps
     seed: int = 0                     # model init, data order, dropout

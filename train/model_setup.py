@@ -161,5 +161,7 @@ def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
                         dtype=run.dtype, seed=cfg.seed,
                         placement=placement(ds or deepspeed_config(cfg, run.world, run.dtype, run.model_config), run.rank))
     install_lm_head(model)
+    # the export's config.json states the router loss this run trained with, in HF's convention (model/router.py)
+    model.config.router_aux_loss_coef = cfg.router.aux_loss_coef / model.config.num_experts_per_tok
     run.memory.end(phase)
     return model

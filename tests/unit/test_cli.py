@@ -12,6 +12,8 @@ from helpers import REPO
 RUN = "/tmp/__no_such_run__"
 MISTAKES = [  # (script, arguments, text the one line must contain)
     ("train/sft.py", ["recipe=tiny/sfft", "max_steps=2"], "recipe 'tiny/sfft' not found; did you mean tiny/sft?"),
+    ("train/sft.py", ["recipe=tiny/dpo"], "recipe tiny/dpo is for dpo (its stage: key): run it with train/dpo.py, not train/sft.py"),
+    ("train/sft.py", ["stage=pretrain"], "stage=pretrain: the stage is the command's; run train/pretrain.py instead"),
     ("train/sft.py", ["recipe=qqqq/zzzzzzzz"], "recipes: "),
     ("train/sft.py", ["optim.lrr=1"], "unknown key 'optim.lrr'; did you mean optim.lr?"),
     ("train/sft.py", ["+optim.lrr=1"], "unknown key 'optim.lrr'"),

@@ -131,3 +131,19 @@ def test_lr_schedule_shapes(schedule):
         assert after[-1] == pytest.approx(floor)
         steps = [a - b for a, b in zip(after[-decay - 1:], after[-decay:])]
         assert steps == pytest.approx([(1 - floor) / decay] * decay)
+
+
+def test_deepspeed_section_is_checked_against_deepspeeds_keys():
+    """A typo in the `deepspeed:` section is a one-line error before anything loads (DeepSpeed ignores an unknown
+    top-level key, and rejects one in zero_optimization only inside deepspeed.initialize); every group's own
+    section, and DeepSpeed keys we do not set, pass."""
+    from train.checks import check_deepspeed_section
+
+    for group in ("zero0", "zero1", "zero2", "zero3", "zero3_offload"):
+        validate(compose("sft", [f"deepspeed={group}"]))
+    check_deepspeed_section({"gradient_clipping": 1.0, "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000,
+                                                                              "stage3_gather_fp16_weights_on_model_save": True}})
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_optimisation: not a DeepSpeed key; did you mean deepspeed.zero_optimization\?"):
+        check_deepspeed_section({"zero_optimisation": {"stage": 3}})
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_optimization.overlap_com: .*did you mean overlap_comm\?"):
+        validate(compose("sft", ["+deepspeed.zero_optimization.overlap_com=true"]))
