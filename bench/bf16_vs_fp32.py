@@ -1,4 +1,4 @@
-"""bf16 against fp32, each stage run as the README gives it (`python train/<stage>.py recipe=... precision=X`,
+"""bf16 against fp32, each stage run as the README and docs/ give it (`python train/<stage>.py recipe=... precision=X`,
 one process, the recipe's defaults otherwise), side by side in one run.
 
     python bench/bf16_vs_fp32.py [--model tiny] [--steps 100] [--stages sft pretrain dpo] [--threads 2]

@@ -25,7 +25,7 @@ differs on runs of spaces ("  two" → sentencepiece [▁▁, ▁two]; a Metaspa
 
 What no HF tokenizer can do: tell a control-token string typed inside a message ("</s>", v3's "[INST]") from
 the template's own control tokens. data/chat.py and the server encode such text as text, as mistral_common
-does; the export's template reads it as control tokens (README, "Exports"). With `split_special_tokens=True`
+does; the export's template reads it as control tokens (docs/export.md). With `split_special_tokens=True`
 plain text keeps them as text.
 """
 

@@ -1,6 +1,6 @@
 """The training stages. `data`, `model`, `train` and `eval` install as top-level packages, so importing this one
 checks that the other three are this project's own (siblings of this folder) and not another distribution's
-packages of the same name found first on the path; README "Set-up" installs the project in its own venv."""
+packages of the same name found first on the path; README "Install" puts the project in its own venv."""
 
 import importlib.util as _util
 from pathlib import Path as _Path

@@ -59,7 +59,7 @@ def validate(cfg, world_size: int | None = None) -> None:
     if accumulate in ("fp32", "float32") and (cfg.deepspeed.get("zero_optimization") or {}).get("stage") in (0, 1, None):
         # ZeRO-1 + bf16 + fp32 accumulation is DeepSpeed's BF16_Optimizer: with this project's loop its gradient
         # differs at step 1 (norm 2.44 against 2.91 on every other layout) and training drifts 5% in 4 steps;
-        # DeepSpeed refuses it with ZeRO-0. ZeRO-2/3 accumulate in fp32 correctly (README, Precision).
+        # DeepSpeed refuses it with ZeRO-0. ZeRO-2/3 accumulate in fp32 correctly (docs/scale.md, Precision).
         raise ConfigError(f"deepspeed.data_types.grad_accum_dtype={accumulate}: fp32 gradient accumulation is "
                           "supported with ZeRO-2 or ZeRO-3 (deepspeed=zero2|zero3); ZeRO-0/1 accumulate in the "
                           "model's dtype")
