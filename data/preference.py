@@ -146,13 +146,14 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, to
     if mask_common_suffix and tokenizer is None:
         raise ValueError("collate(mask_common_suffix=True) needs the tokenizer: the shared ending starts at a word boundary")
     joins = word_joins(tokenizer) if mask_common_suffix else None
-    segments = []  # (pair, segment, context ids, answer ids, first position)
+    segments = []  # (pair, segment, context ids, answer ids, first position, shared ending's length)
     for i, p in enumerate(pairs):
         prompt = p["prompt_ids"]
+        k = common_suffix(p["chosen_ids"], p["rejected_ids"], joins) if mask_common_suffix else 0
         for seg, key in enumerate(answers, start=1):
             shared = share_prompt and seg > 1
-            segments.append((i, seg, prompt[-1:] if shared else prompt, p[key], len(prompt) - 1 if shared else 0))
-    width = sum(len(c) + len(a) for _, _, c, a, _ in segments)
+            segments.append((i, seg, prompt[-1:] if shared else prompt, p[key], len(prompt) - 1 if shared else 0, k))
+    width = sum(len(c) + len(a) for _, _, c, a, _, _ in segments)
     input_ids = torch.full((1, width), pad_id, dtype=torch.long)
     labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((1, width), dtype=torch.long)
@@ -160,8 +161,7 @@ def collate(pairs: list[dict], pad_id: int, mask_common_suffix: bool = False, to
     pair = torch.zeros((1, width), dtype=torch.long)
     router_mask = torch.zeros((1, width), dtype=torch.bool)
     at = 0
-    for i, seg, context, answer, first in segments:
-        k = common_suffix(pairs[i]["chosen_ids"], pairs[i]["rejected_ids"], joins) if mask_common_suffix else 0
+    for i, seg, context, answer, first, k in segments:
         n_c, n = len(context), len(context) + len(answer)
         input_ids[0, at:at + n] = torch.tensor(context + answer)
         labels[0, at + n_c:at + n - k] = torch.tensor(answer[:len(answer) - k])

@@ -100,6 +100,7 @@ def length_buckets(spans: list[list[tuple[int, int]]], seq_len: int, prefixes: l
             keeps.append(keep)
     return {bucket: (torch.tensor(rows), torch.tensor(keeps)) for bucket, (rows, keeps) in by_len.items()}
 
+
 def packed_sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, attention_mask, dropout=0.0,
                                   scaling=None, position_ids=None, **kwargs):
     """transformers' attention-function signature; returns ((B, S, Hq, D) output, None).

@@ -178,7 +178,7 @@ class _LinearLogProbs(torch.autograd.Function):
         if ctx.tile is not None:  # (tests)
             rows, vocab = ctx.tile
         else:
-            rows = min(N, 4096)
+            rows = max(1, min(N, 4096))  # N = 0: a sequence-parallel shard without answer tokens
             if pad:  # 16-bit on the CPU: a few row counts only (one compiled kernel each)
                 rows = -(-rows // 256) * 256
             vocab = max(256, 1 << ((1 << 22) // rows).bit_length() - 1)  # a power of two, rows · vocab ≤ 4M

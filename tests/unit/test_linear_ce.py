@@ -90,6 +90,13 @@ def test_linear_logps_match_autograd_through_logits(labelled, dtype):
     torch.testing.assert_close(hidden.grad.float(), dlogits @ weight.detach().float(), **tol)
     with torch.no_grad():
         assert linear_logps(hidden, weight, targets).grad_fn is None
+    # no target at all (a sequence-parallel shard holding only prompt tokens): empty log-probs, zero gradients
+    none = torch.full_like(targets, -100)
+    hidden.grad = weight.grad = None
+    empty = linear_logps(hidden, weight, none)
+    assert empty.shape == (0,)
+    (empty.sum() + 0 * hidden.sum()).backward()
+    assert weight.grad is not None and not weight.grad.any() and not hidden.grad.any()
 
 
 def test_final_hidden_is_what_the_head_reads(tokenizer):
