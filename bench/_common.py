@@ -126,12 +126,12 @@ def train_timed(trainer, clock, gas: int, steps: int) -> float:
 
 
 def peak_above_load(stage: str, ranks: int, overrides: list[str], out: Path, phases: tuple[str, ...]) -> float:
-    """`torchrun` a stage (OMP_NUM_THREADS=1 per rank, RSS following allocations: MIXTRAL_TUNE_MMAP_THRESHOLD)
+    """`torchrun` a stage as a user does (OMP_NUM_THREADS=1 per rank, as torchrun sets it for several ranks)
     and return the largest, over ranks, of its peak RSS in `phases` minus the RSS when loading began
     (memory.json)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            str(REPO / "train" / f"{stage}.py"), f"output_dir={out}", "overwrite=true", *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MIXTRAL_TUNE_MMAP_THRESHOLD": "131072"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

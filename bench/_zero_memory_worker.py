@@ -31,7 +31,6 @@ def live_tensor_bytes() -> int:
 def main() -> None:
     from model.head import NO_LOGITS
     from model.losses import IGNORE_INDEX, causal_lm_loss
-    from train import faults
     from train.model_setup import build_engine, load_model
     from train.runtime import start
     from train.config import compose
@@ -69,7 +68,7 @@ def main() -> None:
         print("RESULT " + json.dumps(rows), flush=True)
     # end like a stage: stop this rank's watchdog thread, which otherwise still talks to the rendezvous store
     # while the interpreter shuts down (seen once: "terminate called without an active exception", SIGABRT)
-    faults.finished()
+    run.finished()
 
 
 if __name__ == "__main__":

@@ -32,9 +32,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "packed_sdpa"
-# Set by model/sequence_parallel.py: rows gathered by the sequence-parallel attention arrive without a mask,
-# so documents are kept apart here, by position ids, on every device and outside training too.
-PER_DOCUMENT_ALWAYS = [False]
 
 
 def splits_documents_on(device: torch.device) -> bool:
@@ -111,13 +108,17 @@ def packed_sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, atte
     """
     B, Hq, S, D = query_BHSD.shape
     spans = prefixes = None
-    if (PER_DOCUMENT_ALWAYS[0] or module.training) and position_ids is not None and S == key_BKSD.shape[2] > 1:
+    # No mask for rows of several documents: the sequence-parallel attention gathered them and dropped the mask
+    # transformers made for the shards (model/sequence_parallel.py), so the documents are known only by their
+    # positions: kept apart here, on every device and outside training too.
+    by_position = attention_mask is None
+    if (by_position or module.training) and position_ids is not None and S == key_BKSD.shape[2] > 1:
         spans = document_spans(position_ids)
         prefixes = shared_prefixes(position_ids, spans)
     # shared prefixes (DPO's pairs) need these kernels on every device: a mask from the positions would hide them
     shared = prefixes is not None and any(len(r) for row in prefixes for r in row)
     if spans is None or all(len(row) == 1 for row in spans) or not (
-            shared or PER_DOCUMENT_ALWAYS[0] or splits_documents_on(query_BHSD.device)):
+            shared or by_position or splits_documents_on(query_BHSD.device)):
         return sdpa_attention_forward(module, query_BHSD, key_BKSD, value_BKSD, attention_mask, dropout=dropout,
                                       scaling=scaling, position_ids=position_ids, **kwargs)
     q_THD, k_TKD, v_TKD = (x.transpose(1, 2).reshape(B * S, x.shape[1], D) for x in (query_BHSD, key_BKSD, value_BKSD))

@@ -238,10 +238,11 @@ def probe_ids(vocab_size: int, seq_len: int = 32) -> torch.Tensor:
     return torch.randint(3, vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1234))
 
 
-def live_probe(engine, seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+def live_probe(engine, sp: sequence_parallel.SequenceParallel | None = None,
+               seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
     """(input_ids (2, seq_len), live logits (2, seq_len, V) fp32 on CPU, routing) of a fixed probe batch, where
     routing is the live model's top-k expert choices, one (2·seq_len, K) tensor per layer (under sequence
-    parallelism gathered from the group's shards). All ranks run the forward (ZeRO-3/AutoEP need them)."""
+    parallelism, `sp`, gathered from the group's shards). All ranks run the forward (ZeRO-3/AutoEP need them)."""
     from model.router import RouterLogitsRecorder
 
     ids = probe_ids(engine.module.config.vocab_size, seq_len)
@@ -249,12 +250,12 @@ def live_probe(engine, seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor, l
     engine.eval()
     recorder = RouterLogitsRecorder(engine.module)
     with torch.no_grad():
-        if sequence_parallel.GROUP[0] is None:
+        if sp is None:
             with recorder:
                 live = engine(input_ids=ids.to(engine.device), use_cache=False).logits
             router_logits = recorder.logits
         else:  # each rank holds a shard of every row: the group's logits and routing gathered in row order
-            live, router_logits = sequence_parallel.whole_row_logits(engine, ids.to(engine.device), recorder)
+            live, router_logits = sequence_parallel.whole_row_logits(engine, ids.to(engine.device), sp, recorder)
     recorder.remove()
     k = engine.module.config.num_experts_per_tok
     routing = [torch.topk(l.float(), k, dim=-1).indices.cpu() for l in router_logits]

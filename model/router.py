@@ -36,13 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
-
-def _rows_sum(x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-    if not sequence_parallel:
-        return x
-    from model.sequence_parallel import group_sum
-
-    return group_sum(x)
+from model.sequence_parallel import group_sum
 
 
 def _flat_mask(mask: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor:
@@ -100,7 +94,7 @@ def load_balancing_loss(
     top_k: int,
     mask: torch.Tensor | None = None,
     expert_fraction: torch.Tensor | None = None,
-    sequence_parallel: bool = False,
+    sp_group=None,
 ) -> torch.Tensor:
     """Per-layer Switch load-balancing loss averaged over layers (1.0 when balanced).
 
@@ -110,8 +104,8 @@ def load_balancing_loss(
         mask: `(T,)` bool, True = token counted (padding False). None counts all.
         expert_fraction: optional `(L, E)` f_e from global-batch statistics
             (`ExpertLoadAccumulator.fraction()`); default: this batch's own f_e.
-        sequence_parallel: the logits are this rank's shard of rows shared by a sequence-parallel
-            group: n, f_e and P_e are taken over the whole rows (`model.sequence_parallel.group_sum`),
+        sp_group: the sequence-parallel process group (None: none) whose ranks share the rows, the logits being this
+            rank's shard: n, f_e and P_e are taken over the whole rows (`model.sequence_parallel.group_sum`),
             so every rank gets the rows' loss, with the gradient of its own tokens.
     Returns:
         scalar tensor, differentiable w.r.t. the logits through P_e.
@@ -120,14 +114,14 @@ def load_balancing_loss(
     for layer, logits_TE in enumerate(router_logits):
         num_experts = logits_TE.shape[-1]
         m_T = _flat_mask(mask, logits_TE.shape[0], logits_TE.device).float()
-        n = _rows_sum(m_T.sum(), sequence_parallel).clamp_min(1.0)
+        n = group_sum(m_T.sum(), sp_group).clamp_min(1.0)
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        p_E = _rows_sum((probs_TE * m_T[:, None]).sum(0), sequence_parallel) / n
+        p_E = group_sum((probs_TE * m_T[:, None]).sum(0), sp_group) / n
         if expert_fraction is None:
             with torch.no_grad():
                 idx_TK = torch.topk(probs_TE, top_k, dim=-1).indices
                 counts_E = (F.one_hot(idx_TK, num_experts).sum(1).float() * m_T[:, None]).sum(0)
-                f_E = _rows_sum(counts_E, sequence_parallel) / (top_k * n)
+                f_E = group_sum(counts_E, sp_group) / (top_k * n)
         else:
             f_E = expert_fraction[layer].to(p_E)
         losses.append(num_experts * (f_E * p_E).sum())
@@ -135,15 +129,15 @@ def load_balancing_loss(
 
 
 def z_loss(router_logits: Sequence[torch.Tensor], mask: torch.Tensor | None = None,
-           sequence_parallel: bool = False) -> torch.Tensor:
+           sp_group=None) -> torch.Tensor:
     """Router z-loss: mean over layers of mean_t logsumexp(logits_t)² over counted tokens
-    (`sequence_parallel`: over the whole rows, as in `load_balancing_loss`)."""
+    (`sp_group`: over the whole rows, as in `load_balancing_loss`)."""
     losses = []
     for logits_TE in router_logits:
         m_T = _flat_mask(mask, logits_TE.shape[0], logits_TE.device).float()
         z_T = torch.logsumexp(logits_TE.float(), dim=-1)
-        losses.append(_rows_sum((z_T.square() * m_T).sum(), sequence_parallel)
-                      / _rows_sum(m_T.sum(), sequence_parallel).clamp_min(1.0))
+        losses.append(group_sum((z_T.square() * m_T).sum(), sp_group)
+                      / group_sum(m_T.sum(), sp_group).clamp_min(1.0))
     return torch.stack(losses).mean()
 
 

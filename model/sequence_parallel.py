@@ -9,7 +9,7 @@ a whole row's activations or logits. Attention is DeepSpeed's `UlyssesSPAttentio
 turns (B, H, S/N, D) shards into (B, H/N, S, D) head groups, the model's own attention function runs
 on whole rows for H/N heads (packed documents kept apart by the gathered position ids, as without SP:
 model/attention.py), and a second all-to-all returns the shards. DeepSpeed's engine, given the
-groups (`setup` returns its `mpu`), reduces gradients over all ranks and divides by the number of
+groups (`setup` returns them, with its `mpu`), reduces gradients over all ranks and divides by the number of
 data-parallel groups, so each rank's loss must be its *share* of its group's loss:
 
     cross-entropy      Σ over the shard's targets / (targets in the global batch)       (as for DP)
@@ -24,26 +24,39 @@ position of a shard predicts the first token of the next one.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from model.losses import IGNORE_INDEX
 
-GROUP: list = [None]  # this rank's sequence-parallel process group, once `setup` ran
-MPU: list = [None]    # DeepSpeed's groups object for every engine of the run (the DPO reference's too)
-ROWS: list = [1]      # rows per forward that DeepSpeed's attention was set up for (it checks the shape)
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """A run's sequence-parallel groups, made once by `setup` and held by the run (train/runtime.py `Run`)."""
+    group: Any   # this rank's sequence-parallel process group
+    mpu: Any     # DeepSpeed's groups object, for every engine of the run (the DPO reference's too)
+    rows: int    # rows per forward that DeepSpeed's attention was set up for (it checks the shape)
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
 
 
-def setup(model, size: int, rows: int):
+def setup(model, size: int, rows: int) -> SequenceParallel | None:
     """Make the model's attention sequence-parallel over groups of `size` consecutive ranks, for micro-batches
-    of `rows` rows (DeepSpeed's attention checks the shape); returns the `mpu` for `deepspeed.initialize`
-    (None when size is 1)."""
+    of `rows` rows (DeepSpeed's attention checks the shape); None when size is 1. DeepSpeed keeps its groups
+    in its own module state, so this runs once per process. The gathered rows reach the model's attention
+    function without a mask: packed documents are kept apart by their position ids (model/attention.py)."""
     if size == 1:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    from model import attention
 
     config = model.config
     head_dim = getattr(config, "head_dim", None)
@@ -55,9 +68,7 @@ def setup(model, size: int, rows: int):
             micro_batch_size=rows, seq_length_is_variable=True)
     finally:
         config.head_dim = head_dim
-    GROUP[0], MPU[0], ROWS[0] = mpu.get_sequence_parallel_group(), mpu, rows
-    attention.PER_DOCUMENT_ALWAYS[0] = True  # the gathered rows come without a mask: documents by position ids
-    return mpu
+    return SequenceParallel(mpu.get_sequence_parallel_group(), mpu, rows)
 
 
 def gradient_factor(zero_stage: int, size: int) -> int:
@@ -71,11 +82,10 @@ def gradient_factor(zero_stage: int, size: int) -> int:
     return size if zero_stage == 3 else 1
 
 
-def group_sum(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Σ of `x` over the ranks of `group` (default: the sequence-parallel group; identity without one).
+def group_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Σ of `x` over the ranks of `group` (a sequence-parallel group; identity for None).
     The value is the group's sum, the gradient flows to this rank's `x` only: summed over the group by
     DeepSpeed's gradient reduction, it is the gradient of the sum."""
-    group = group if group is not None else GROUP[0]
     if group is None:
         return x
     total = x.detach().clone()
@@ -118,26 +128,26 @@ def shard(batch: dict, rank: int, size: int, pad_id: int) -> dict:
     return {k: v[:, rank * n:(rank + 1) * n].contiguous() for k, v in out.items()} | rest
 
 
-def whole_row_logits(model, input_ids_BS: torch.Tensor, recorder=None):
-    """`(B, S, V)` logits of unpacked rows (positions 0..S-1) under a sequence-parallel model: every rank
-    of the group passes the same rows, runs its shard, and gets the whole rows' logits back. The rows go
-    through in forwards of the size the attention was set up for (`ROWS`), the last one filled up with copies.
+def whole_row_logits(model, input_ids_BS: torch.Tensor, sp: SequenceParallel, recorder=None):
+    """`(B, S, V)` logits of unpacked rows (positions 0..S-1) under a model made sequence-parallel by `sp`: every
+    rank of the group passes the same rows, runs its shard, and gets the whole rows' logits back. The rows go
+    through in forwards of the size the attention was set up for (`sp.rows`), the last one filled up with copies.
     With a `RouterLogitsRecorder` (hooked on `model`), also each layer's router logits of the whole rows,
     `(B·S, E)` in row order: returns (logits, router logits per layer or None)."""
-    size, rows = dist.get_world_size(GROUP[0]), ROWS[0]
+    size, rows = sp.size, sp.rows
     B, S = input_ids_BS.shape
     logits_out, routers = [], []
 
     def whole(x_RnX: torch.Tensor) -> torch.Tensor:  # this rank's shard of each row → the group's whole rows
         parts = [torch.empty_like(x_RnX) for _ in range(size)]
-        dist.all_gather(parts, x_RnX.contiguous(), group=GROUP[0])
+        dist.all_gather(parts, x_RnX.contiguous(), group=sp.group)
         return torch.cat(parts, 1)[:, :S]
 
     for at in range(0, B, rows):
         ids = input_ids_BS[at:at + rows]
         ids = torch.cat([ids, ids[-1:].expand(rows - len(ids), S)]) if len(ids) < rows else ids
         position_ids = torch.arange(S, device=ids.device).expand_as(ids)
-        b = shard({"input_ids": ids, "position_ids": position_ids}, dist.get_rank(GROUP[0]), size, pad_id=0)
+        b = shard({"input_ids": ids, "position_ids": position_ids}, sp.rank, size, pad_id=0)
         with recorder if recorder is not None else contextlib.nullcontext():
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
         logits_out.append(whole(logits))

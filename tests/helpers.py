@@ -16,6 +16,16 @@ def stage_cmd(stage: str, out: Path, overrides: list[str], nproc: int = 2) -> tu
     return cmd, env
 
 
+def with_faults(folder: Path, *faults: str) -> dict:
+    """Environment entries that install test faults (train/faults.py `install`, e.g. "nan_loss@3") in every Python
+    process of a run started with them, the launcher's workers included: a `sitecustomize` module in `folder`,
+    put first on PYTHONPATH, which Python imports at start-up."""
+    site = Path(folder) / "fault_site"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(f"from train import faults\n\nfaults.install(*{list(faults)!r})\n")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(site), str(REPO), os.environ.get("PYTHONPATH")) if p)}
+
+
 def run_stage(stage: str, out: Path, overrides: list[str], nproc: int = 2, timeout: int = 600, check: bool = True,
               env: dict | None = None):
     cmd, base_env = stage_cmd(stage, out, overrides, nproc)

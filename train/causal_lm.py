@@ -25,13 +25,13 @@ from train.finish import finish
 from train.metrics import Metrics, RouterStep, step_values
 from train.model_setup import build_engine, load_model, stage_tokenizer
 from train.rows import training_rows
-from train.runtime import start
+from train.runtime import Run
 from train.stops import STOPS
 
 
-def train(cfg, kind: str) -> None:
-    """The whole stage: load `kind` rows ("text" or "messages"), train, checkpoint, export."""
-    run = start(cfg)
+def train(cfg, run: Run, kind: str) -> None:
+    """The whole stage in `run` (train/runtime.py `start`): load `kind` rows ("text" or "messages"), train,
+    checkpoint, export."""
     tokenizer = stage_tokenizer(cfg, run)
     rows, _ = training_rows(cfg, kind, tokenizer, run)
     model = load_model(cfg, run)
@@ -65,8 +65,8 @@ def train(cfg, kind: str) -> None:
             real = b["real_mask"].reshape(-1)
             if balance is not None:
                 balance.add(recorder.logits, real)
-            aux = load_balancing_loss(recorder.logits, top_k, real, balance.fraction() if balance else None, run.sp > 1)
-            z = z_loss(recorder.logits, real, run.sp > 1)
+            aux = load_balancing_loss(recorder.logits, top_k, real, balance.fraction() if balance else None, run.sp_group)
+            z = z_loss(recorder.logits, real, run.sp_group)
             # DeepSpeed divides gradients by the accumulation steps and averages them over data-parallel groups;
             # `ce` is already this micro-batch's share of the global mean, so scale it back by both.
             loss = ce * (run.gas * run.dp) + cfg.router.aux_loss_coef * aux + cfg.router.z_loss_coef * z

@@ -39,7 +39,7 @@ def prepare_elastic_resume(cfg, run: Run, ds: dict) -> None:
 def _refuse(cfg, run: Run, message: str) -> None:
     if run.main:
         print(f"[{cfg.stage}] config error: {message}", file=sys.stderr, flush=True)
-    faults.finished()
+    run.finished()
     sys.exit(2)
 
 
@@ -173,7 +173,7 @@ def stop_interrupted(engine, cfg, run: Run, step: int, signum: int) -> None:
         print(f"[{cfg.stage}] stopped by {NAMES.get(signum, signum)} after step {step}/{cfg.max_steps}; checkpoint "
               f"{checkpoint_dir(run) / f'step_{step}'}; continue with: {resume_command(cfg.stage)}",
               file=sys.stderr, flush=True)
-    faults.finished()
+    run.finished()
     sys.exit(128 + signum)
 
 
@@ -186,5 +186,5 @@ def stop_if_diverged(engine, cfg, run: Run, guard: faults.NonFinite, step: int) 
     run.print(f"[{cfg.stage}] stopping: {guard.in_a_row} optimizer steps in a row (up to step {step}) had a non-finite "
               f"loss or gradient and were skipped ({guard.total} in all). Checkpoint saved in {checkpoint_dir(run)}. "
               f"Lower optim.lr, raise optim.warmup_steps or check the data, then rerun with resume=true.")
-    faults.finished()
+    run.finished()
     sys.exit(3)

@@ -164,7 +164,7 @@ class StageConfig:
     model: ModelConfig = MISSING
     deepspeed: dict[str, Any] = field(default_factory=dict)  # the DeepSpeed config (group deepspeed=zero0..3)
     expert_parallel_size: int = 1     # ranks sharing each MoE layer's experts (DeepSpeed AutoEP)
-    sequence_parallel_size: int = 1   # ranks sharing each row's tokens (Ulysses, train/sequence_parallel.py)
+    sequence_parallel_size: int = 1   # ranks sharing each row's tokens (Ulysses, model/sequence_parallel.py)
     global_batch_size: int = 8        # rows (pairs for DPO) per optimizer step, over all ranks
     micro_batch_size: int = 1         # rows per forward pass per rank (accumulation makes up the rest)
     max_seq_len: int = 512            # tokens per row

@@ -40,22 +40,27 @@ from model.lora import adapters_off, apply_lora
 from model.losses import REFERENCE_FREE, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from model.router import (ExpertLoadAccumulator, RouterLogitsRecorder, drift_sums, load_balancing_loss,
                           routing_drift, z_loss)
-from train import cli, faults, reference
+from train import cli, reference
 from train.checkpoints import end_of_step, maybe_resume
 from train.finish import finish
 from train.metrics import Metrics, RouterStep, step_values
 from train.model_setup import build_engine, load_model, stage_tokenizer
 from train.rows import training_rows
-from train.runtime import start
+from train.runtime import Run, start
 from train.stops import STOPS
 from train.checks import stage_checks
 from train.config import DPOStageConfig
 
 
 @cli.main("dpo", DPOStageConfig, stage_checks)
-@faults.exit_on_peer_loss
 def main(cfg) -> None:
-    run = start(cfg)
+    with start(cfg) as run:
+        align(cfg, run)
+
+
+def align(cfg, run: Run) -> None:
+    """The whole stage in `run` (train/runtime.py `start`): load the pairs (KTO: examples), train, checkpoint,
+    export."""
     tokenizer = stage_tokenizer(cfg, run)
     beta, loss_type = cfg.dpo.beta, cfg.dpo.loss_type
     kto = loss_type == "kto"  # unpaired examples: one answer per row, and a KL row each (data/preference.py)
@@ -96,7 +101,7 @@ def main(cfg) -> None:
         with its adapters off."""
         model_, recorder_ = (ref_engine, ref_recorder) if ref_engine is not None else (engine, recorder)
         with torch.no_grad(), adapters_off(engine.module) if ref_engine is None else contextlib.nullcontext(), recorder_:
-            ref_c, ref_r, _, _ = reference.answer_logps(model_, b)
+            ref_c, ref_r, _, _ = reference.answer_logps(model_, b, run.sp_group)
         return ref_c, ref_r, recorder_.logits
 
     def collated(index: list[list[int]], keys: tuple[str, ...]) -> list[dict]:
@@ -128,7 +133,7 @@ def main(cfg) -> None:
             # whole-row sums of the answers' log-probs, from the LM head without logits (a sequence-parallel
             # rank's gradient flows through its own tokens); the router logits of every layer in recorder.logits
             with recorder:
-                pol_c, pol_r, n_c, n_r = reference.answer_logps(engine, b)
+                pol_c, pol_r, n_c, n_r = reference.answer_logps(engine, b, run.sp_group)
             logits, ref_logits = recorder.logits, None
             nll = -pol_c.sum() / n_chosen_tokens.to(pol_c)
             if not free:
@@ -164,8 +169,8 @@ def main(cfg) -> None:
             mask = b["router_mask"].reshape(-1)
             if balance is not None:
                 balance.add(logits, mask)
-            aux = load_balancing_loss(logits, top_k, mask, balance.fraction() if balance else None, run.sp > 1)
-            z = z_loss(logits, mask, run.sp > 1)
+            aux = load_balancing_loss(logits, top_k, mask, balance.fraction() if balance else None, run.sp_group)
+            z = z_loss(logits, mask, run.sp_group)
             pref = losses.sum() / cfg.global_batch_size
             # DeepSpeed divides gradients by the accumulation steps and averages them over data-parallel groups;
             # `pref` and `nll` are this micro-batch's shares of global means, so scale them back by both.
@@ -215,7 +220,7 @@ def kto_reference_point(engine, kl_batches: list[dict], index: list[list[int]], 
     `with_kl_completions`); `ref_logps(ix, b)` gives the reference's, `(B,)`. No gradient flows through z₀."""
     total = torch.zeros((), dtype=torch.float64)
     for ix, b in zip(index, kl_batches):
-        pol, _, _, _ = reference.answer_logps(engine, b)
+        pol, _, _, _ = reference.answer_logps(engine, b, run.sp_group)
         total += (pol.double() - ref_logps(ix, b).double().to(pol.device)).sum().cpu()
     return (run.all_sum(total) / run.sp / cfg.global_batch_size).clamp(min=0)
 

@@ -7,17 +7,18 @@
   every micro-batch still calls `engine.backward` and `engine.step`.
 * `Watchdog` — a heartbeat thread per rank in the rendezvous store. When a peer's heartbeat is older than
   `dist_timeout_s` (it was killed, its node died, it froze), this rank prints which rank went silent and
-  exits instead of waiting in a collective forever. `exit_on_peer_loss` gives a collective error on the
-  main thread (gloo notices a closed socket at once) the same treatment.
-* `inject(point, step)` — fault injection for the tests, driven by `MIXTRAL_TUNE_FAULTS`, e.g.
-  `MIXTRAL_TUNE_FAULTS=nan_loss@3,kill_in_save@4`. Unset (always, outside the tests) it does nothing.
+  exits instead of waiting in a collective forever. `after_failure` gives a collective error on the
+  main thread (gloo notices a closed socket at once) the same treatment. The run holds its watchdog
+  (train/runtime.py `Run`).
+* `inject(point, step)` — fault injection points for the tests. Nothing is injected unless a test installs
+  faults with `install("nan_loss@3", "kill_in_save@4")` in the stage's processes (tests/helpers.py
+  `with_faults` does so through a `sitecustomize` module on the test run's PYTHONPATH).
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
-import functools
 import os
 import signal
 import sys
@@ -34,10 +35,17 @@ from model.distributed import all_reduce_here
 # ---------------------------------------------------------------------------------------------
 # fault injection (tests only)
 
+_INSTALLED: set[str] = set()  # "point@step" entries; empty outside the tests
+
+
+def install(*faults: str) -> None:
+    """Tests only: inject each `point@step` fault (e.g. "nan_loss@3") in this process."""
+    _INSTALLED.update(faults)
+
+
 def inject(point: str, step: int) -> bool:
-    """True when `MIXTRAL_TUNE_FAULTS` asks for fault `point` at `step` (1-based optimizer step)."""
-    spec = os.environ.get("MIXTRAL_TUNE_FAULTS", "")
-    return f"{point}@{step}" in spec.split(",")
+    """True when a test installed fault `point` at `step` (1-based optimizer step)."""
+    return f"{point}@{step}" in _INSTALLED
 
 
 def swap_two_experts(folder) -> None:
@@ -236,36 +244,20 @@ class Watchdog:
                 pass
 
 
-def finished() -> None:
-    """This rank ends on purpose (the run is over, or every rank stops together)."""
-    if WATCHDOG[0] is not None:
-        WATCHDOG[0].close(done=True)
-
-
-def exit_on_peer_loss(fn):
-    """Decorator for a stage's main: when the run is multi-rank and an exception escapes, wait (at most
-    `dist_timeout_s`) for the watchdog to name a dead peer before giving up. A purely local error (every
-    peer still beating) is re-raised at once."""
-
-    @functools.wraps(fn)
-    def wrapper(cfg):
-        try:
-            return fn(cfg)
-        except Exception:
-            dog = WATCHDOG[0]
-            if dog is None or dog.world == 1:
-                raise
-            traceback.print_exc()
-            try:
-                local = not dog.silent_peers()
-            except Exception:
-                local = False
-            if local and not _looks_distributed(sys.exc_info()[1]):
-                raise
-            dog.wait_for_verdict()
-            raise
-
-    return wrapper
+def after_failure(dog: Watchdog, error: BaseException) -> None:
+    """`error` escaped a stage's work (train/runtime.py `Run.__exit__`): on a multi-rank run, wait (at most
+    `dist_timeout_s`) for the watchdog to name a dead peer, which ends the process. A purely local error
+    (every peer still beating, nothing collective in the message) returns at once, to be raised."""
+    if dog.world == 1 or not isinstance(error, Exception):
+        return
+    traceback.print_exception(error)
+    try:
+        local = not dog.silent_peers()
+    except Exception:
+        local = False
+    if local and not _looks_distributed(error):
+        return
+    dog.wait_for_verdict()
 
 
 def _looks_distributed(e: BaseException) -> bool:
@@ -273,5 +265,3 @@ def _looks_distributed(e: BaseException) -> bool:
     return isinstance(e, getattr(dist, "DistError", ())) or any(
         s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
-
-WATCHDOG: list[Watchdog | None] = [None]  # the process's watchdog, set by train.runtime.start

@@ -46,7 +46,7 @@ def finish(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
         files = [run.out / n for n in ("config.yaml", "metrics.jsonl", "memory.json", "skipped.jsonl", "build.log",
                                        "checkpoints", "adapter", "hf")]
         console.summary(cfg.stage, time.time() - run.t0, results, files)
-    faults.finished()
+    run.finished()
 
 
 def _export(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
@@ -57,7 +57,7 @@ def _export(engine, cfg, run: Run, model, tokenizer, step: int) -> None:
 
     t0 = time.time()
     release_zero3_params(engine)
-    probe = live_probe(engine) if cfg.verify_export else None  # before peft merges expert adapters in place
+    probe = live_probe(engine, run.seq_parallel) if cfg.verify_export else None  # before peft merges expert adapters in place
     module, scaling, base = engine.module, None, None
     if cfg.model.quantize != "none" and cfg.model_path:  # QLoRA: the 4-bit base is written from its 16-bit original
         from model.build import model_folder
@@ -110,7 +110,7 @@ def _export_check_failed(cfg, run: Run, evidence: str) -> None:
               + (f", the trained state in {run.out / 'checkpoints'}" if complete_checkpoints(checkpoint_dir(run)) else ""),
               file=sys.stderr, flush=True)
     run.barrier()
-    faults.finished()
+    run.finished()
     sys.exit(4)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -44,9 +43,7 @@ def set_mmap_threshold(nbytes: int) -> bool:
     default, 0.95× with 1 MiB. During training the stages use 32 MiB (1 MiB made every activation a fresh
     mmap: a ZeRO-0 CPU step fell from MFU 0.68 to 0.44), and 4 MiB under ZeRO-3, where every step gathers
     and frees each layer's parameters (first-step peak 1.38× → 0.97× of the model above baseline).
-    False where there is no glibc. `MIXTRAL_TUNE_MMAP_THRESHOLD=<bytes>` replaces every such setting
-    (bench/plan_accuracy.py: 128 KiB, so RSS follows the bytes allocated instead of glibc's cached heap)."""
-    nbytes = int(os.environ.get("MIXTRAL_TUNE_MMAP_THRESHOLD", nbytes))
+    False where there is no glibc. These settings are the stages' own, for every run (benchmarks included)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

@@ -81,8 +81,8 @@ class Metrics:
         if memory is not None and "first_step" not in memory.phases:  # all ranks: a collective
             memory.end("first_step")
             values = {**values, "memory": memory.summary()}
-        if faults.WATCHDOG[0] is not None:
-            faults.WATCHDOG[0].step = step
+        if self.run.watchdog is not None:
+            self.run.watchdog.step = step
         if not self.run.main:
             return
         now = time.time()

@@ -125,12 +125,11 @@ def build_engine(cfg, model, run: Run):
         return made[-1]
 
     rows = 1 if cfg.stage == "dpo" else cfg.micro_batch_size  # a DPO micro-batch is one row (data/preference.py)
-    mpu = sequence_parallel.setup(model, run.sp, rows)
-    run.grad_factor = sequence_parallel.gradient_factor(zero_stage(ds), run.sp)
+    run.seq_parallel = sequence_parallel.setup(model, run.sp, rows)
     quantized_ep = cfg.model.quantize != "none" and cfg.expert_parallel_size > 1  # QLoRA's experts, split over ranks
     with fp32_master_shared(), frozen_experts_dense(), \
             quantized_expert_parallel() if quantized_ep else contextlib.nullcontext():
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=mpu,
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds, mpu=run.seq_parallel and run.seq_parallel.mpu,
                                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     settle_zero0(engine)
     if quantized_ep:

@@ -13,15 +13,16 @@ LoRA adapters (lora.enabled) turn it into continued pretraining with adapters.
 
 from __future__ import annotations
 
-from train import causal_lm, cli, faults
+from train import causal_lm, cli
 from train.checks import stage_checks
 from train.config import PretrainConfig
+from train.runtime import start
 
 
 @cli.main("pretrain", PretrainConfig, stage_checks)
-@faults.exit_on_peer_loss
 def main(cfg) -> None:
-    causal_lm.train(cfg, kind="text")
+    with start(cfg) as run:
+        causal_lm.train(cfg, run, kind="text")
 
 
 if __name__ == "__main__":

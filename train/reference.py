@@ -25,7 +25,6 @@ import torch
 
 from data.dataset import GlobalBatches, fingerprint, file_sha
 from data.preference import answer_sums, collate
-from model import sequence_parallel
 from model.distributed import all_reduce_here
 from model.head import NO_LOGITS, final_hidden
 from model.lora import adapters_off as without_adapters
@@ -34,15 +33,15 @@ from model.router import fp32_router_logits
 from model.sequence_parallel import group_sum
 
 
-def answer_logps(model, b: dict) -> tuple[torch.Tensor, ...]:
+def answer_logps(model, b: dict, sp_group=None) -> tuple[torch.Tensor, ...]:
     """(chosen, rejected, n_chosen, n_rejected), each `(b["pairs"],)`, of a collated (and sequence-sharded) batch `b` of
     pairs under `model` (an engine, the policy or a reference): one forward that computes no logits, the
     answer tokens' log-probs from the LM head in chunks (`token_logps`), summed per answer and over the
-    sequence-parallel group (the gradient flows through this rank's tokens)."""
+    sequence-parallel group `sp_group` (the gradient flows through this rank's tokens)."""
     with final_hidden(model) as hidden:
         model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False, logits_to_keep=NO_LOGITS)
     logp_N = token_logps(hidden[0], model.get_output_embeddings(), b["targets"])
-    return tuple(map(group_sum, answer_sums(logp_N, b["targets"], b["target_segment"], b["target_pair"], b["pairs"])))
+    return tuple(group_sum(x, sp_group) for x in answer_sums(logp_N, b["targets"], b["target_segment"], b["target_pair"], b["pairs"]))
 
 
 def weights_fingerprint(cfg) -> dict:
@@ -88,7 +87,7 @@ def compute_logps(engine, pairs: list[dict], batches: GlobalBatches, micro: int,
             b = run.shard(collate([pairs[i] for i in ix], tokenizer.pad_id, mask_common_suffix, tokenizer, answers,
                                   share_prompt), tokenizer.pad_id)
             with without_adapters(engine.module) if adapters_off else contextlib.nullcontext():
-                chosen, rejected, _, _ = answer_logps(engine, b)
+                chosen, rejected, _, _ = answer_logps(engine, b, run.sp_group)
             for j, i in enumerate(ix):
                 if owner[i] == (step, run.dp_rank) and run.rank % run.sp == 0:
                     table[i, 0], table[i, 1] = chosen[j].double().cpu(), rejected[j].double().cpu()
@@ -151,6 +150,6 @@ def live_engine(run, model, ref_ds: dict):
 
     for p in model.parameters():
         p.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ref_ds, mpu=sequence_parallel.MPU[0])
+    engine, *_ = deepspeed.initialize(model=model, config=ref_ds, mpu=run.seq_parallel and run.seq_parallel.mpu)
     fp32_router_logits(engine.module)  # AutoEP built new routers inside initialize
     return engine  # in training mode, as the policy: the same attention kernels (compute_logps)

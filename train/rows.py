@@ -10,7 +10,6 @@ import torch.distributed as dist
 from data.dataset import DataReport, fit_examples, fit_pairs, load_canonical, pack_rows, tokenize
 from data.hub import HubUnreachable
 from data.readers import RecordError
-from train import faults
 from train.runtime import Run
 
 
@@ -48,7 +47,7 @@ def training_rows(cfg, kind: str, tokenizer, run: Run):
         if shared[0] is not None:
             if run.main:
                 print(f"[{cfg.stage}] {shared[0]}", file=sys.stderr, flush=True)
-            faults.finished()
+            run.finished()
             sys.exit(2)
     run.data_report = report
     for line in report.lines():

@@ -1,5 +1,10 @@
 """A stage's run: torch.distributed started (NCCL on GPU, gloo on CPU), the config checked, the banner, and
-the `Run` every function of a stage receives (rank, world, data- and sequence-parallel position, device, dtype)."""
+the `Run` every function of a stage receives (rank, world, data- and sequence-parallel position, device, dtype,
+the watchdog and the sequence-parallel groups). A stage's work runs inside it:
+
+    with start(cfg) as run:
+        ...   # an error that escapes waits for the watchdog to name a dead peer (train/faults.py)
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from omegaconf import OmegaConf
 
 from data.hub import HubUnreachable
 from model import sequence_parallel
+from model.sequence_parallel import SequenceParallel
 from model.build import resolve_dtype
 from model.distributed import accumulation_steps, batch_arithmetic, zero_stage
 from train import console, faults, preflight
@@ -40,7 +46,9 @@ class Run:
     gas: int
     sp: int = 1                       # sequence_parallel_size: consecutive ranks sharing each row
     grad_factor: int = 1              # the loss is multiplied by it before backward (sequence_parallel.gradient_factor)
+    seq_parallel: SequenceParallel | None = None  # the sequence-parallel groups, made with the engine (build_engine)
     memory: PhaseMemory | None = None
+    watchdog: faults.Watchdog | None = None  # this rank's heartbeat thread (train/faults.py)
     model_config: Any = None          # the MixtralConfig trained (model_path's config.json, or the preset)
     data_report: Any = None           # rank 0: the training data's DataReport (for the model card)
     final_metrics: dict = field(default_factory=dict)  # rank 0: the last metrics row
@@ -51,6 +59,25 @@ class Run:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is not None and self.watchdog is not None:
+            faults.after_failure(self.watchdog, error)
+        return False
+
+    def finished(self) -> None:
+        """This rank ends on purpose (the run is over, or every rank stops together): the peers stop waiting for
+        its heartbeat."""
+        if self.watchdog is not None:
+            self.watchdog.close(done=True)
+
+    @property
+    def sp_group(self):
+        """This rank's sequence-parallel process group; None without sequence parallelism."""
+        return self.seq_parallel.group if self.seq_parallel is not None else None
 
     @property
     def dp(self) -> int:
@@ -116,14 +143,14 @@ def start(cfg) -> Run:
                                    timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), verbose=False)
     rank = dist.get_rank()
     STOPS.install(cfg.stage)  # Ctrl-C / SIGTERM: stop between steps with a checkpoint (train/stops.py)
-    faults.WATCHDOG[0] = faults.Watchdog(rank, world, cfg.dist_timeout_s, cfg.stage)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed)
     sp = cfg.sequence_parallel_size
     run = Run(rank=rank, world=world, local_rank=local_rank, device=device, dtype=resolve_dtype(cfg.precision),
               out=Path(cfg.output_dir), gas=accumulation_steps(cfg, world),
-              sp=sp, model_config=model_cfg)
+              sp=sp, grad_factor=sequence_parallel.gradient_factor(zero_stage(cfg.deepspeed), sp), model_config=model_cfg,
+              watchdog=faults.Watchdog(rank, world, cfg.dist_timeout_s, cfg.stage))
     if run.main:  # what this segment runs with, and what each resume changed (train/contract.py)
         tags = complete_checkpoints(run.out / "checkpoints")
         history = resume_history(cfg, int(tags[-1].name.split("_")[1]) if tags else None)

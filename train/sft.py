@@ -11,15 +11,16 @@ The loop, shared with pretraining, and its loss: train/causal_lm.py (ce over the
 
 from __future__ import annotations
 
-from train import causal_lm, cli, faults
+from train import causal_lm, cli
 from train.checks import stage_checks
 from train.config import SFTConfig
+from train.runtime import start
 
 
 @cli.main("sft", SFTConfig, stage_checks)
-@faults.exit_on_peer_loss
 def main(cfg) -> None:
-    causal_lm.train(cfg, kind="messages")
+    with start(cfg) as run:
+        causal_lm.train(cfg, run, kind="messages")
 
 
 if __name__ == "__main__":

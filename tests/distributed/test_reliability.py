@@ -1,6 +1,6 @@
 """Faults on 2 gloo ranks: SIGKILL at a random step then resume, a kill in the middle of writing a
-checkpoint, non-finite steps, a dead peer rank. Faults are real (SIGKILL) or injected through
-MIXTRAL_TUNE_FAULTS (train/faults.py) at an exact point."""
+checkpoint, non-finite steps, a dead peer rank. Faults are real (SIGKILL) or injected at an exact point
+(train/faults.py, installed by tests/helpers.py `with_faults`)."""
 
 import os
 import random
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import ELASTIC, REPO, check_resume_elsewhere, free_port, losses, metrics, run_stage, stage_cmd
+from helpers import ELASTIC, REPO, check_resume_elsewhere, free_port, losses, metrics, run_stage, stage_cmd, with_faults
 
 pytestmark = pytest.mark.distributed
 
@@ -111,7 +111,7 @@ def test_sigkill_at_random_step_then_resume_is_exact(stage, uninterrupted, tmp_p
 def test_kill_while_saving_keeps_previous_checkpoint(uninterrupted, tmp_path):
     args = [*STAGES["sft"], "checkpoint_every=2", "keep_checkpoints=2"]
     out = tmp_path / "run"
-    proc = run_stage("sft", out, args, check=False, env={"MIXTRAL_TUNE_FAULTS": "kill_in_save@4"})
+    proc = run_stage("sft", out, args, check=False, env=with_faults(tmp_path, "kill_in_save@4"))
     assert proc.returncode != 0 and "SIGKILL at kill_in_save@4" in proc.stdout + proc.stderr
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_2"
@@ -138,7 +138,7 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop(parallel, tmp_path):
     faulty = tmp_path / "faulty"
     # step 2 alone, then steps 4-6 in a row (K = 3): skip, skip, ..., then checkpoint and stop
     proc = run_stage("sft", faulty, [*REPEATED, *parallel, "max_steps=10", "max_bad_steps=3"], check=False,
-                     env={"MIXTRAL_TUNE_FAULTS": "nan_loss@2,nan_loss@4,nan_loss@5,nan_loss@6"})
+                     env=with_faults(tmp_path, "nan_loss@2", "nan_loss@4", "nan_loss@5", "nan_loss@6"))
     f = losses(faulty)
     assert proc.returncode != 0
     assert "stopping: 3 optimizer steps in a row (up to step 6)" in proc.stdout
@@ -169,7 +169,7 @@ def test_a_failed_export_check_ends_every_rank_in_one_line_and_keeps_the_weights
                            "max_steps=2", "checkpoint_every=2", "precision=bf16", "deepspeed=zero2", "logging=none",
                            "data.synthetic_samples=32", "max_seq_len=64"], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-                                            "MIXTRAL_TUNE_FAULTS": "corrupt_export@2"})
+                                            **with_faults(tmp_path, "corrupt_export@2")})
     assert proc.returncode == 4, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
     errors = [l for l in proc.stderr.strip().splitlines() if not l.startswith("[fault injection]")]
     assert len(errors) == 1 and errors[0].startswith("[sft] export check failed: "), proc.stderr[-3000:]
@@ -188,7 +188,7 @@ def test_launcher_mode_answers_in_one_line(tmp_path):
     bad = subprocess.run([*base, "recipe=tiny/sfft"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.strip() == "config error: recipe 'tiny/sfft' not found; did you mean tiny/sft?"
     proc = subprocess.run([*base, *REPEATED, "max_steps=3", "max_bad_steps=1"], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**env, "MIXTRAL_TUNE_FAULTS": "nan_loss@2"})
+                          text=True, timeout=600, env={**env, **with_faults(tmp_path, "nan_loss@2")})
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "stopping: 1 optimizer steps in a row (up to step 2)" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == "sft.py: rank 0 ended with status 3; its messages are above"
@@ -273,7 +273,7 @@ def test_resume_refuses_another_layout_for_lora_under_expert_parallelism(tmp_pat
 def _interrupt_at(launcher: list[str], out, args: list[str], step: int):
     """Start a run with `launcher`, press Ctrl-C (SIGINT to its process group, as a terminal does) while it waits
     after `step` (fault `pause@step`); returns the finished process and its (stdout, stderr)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MIXTRAL_TUNE_FAULTS": f"pause@{step}"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **with_faults(out.parent / f"faults_{out.name}", f"pause@{step}")}
     proc = subprocess.Popen([*launcher, f"output_dir={out}", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_step(proc, out, step)
@@ -319,7 +319,7 @@ def test_ctrl_c_before_the_first_step_and_a_second_ctrl_c(tmp_path):
 
     args = ["recipe=tiny/sft", "max_steps=4", "deepspeed=zero0", "data.synthetic_samples=32", "max_seq_len=64",
             "global_batch_size=2", "micro_batch_size=2", "export=false"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MIXTRAL_TUNE_FAULTS": "pause@0"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **with_faults(tmp_path / "early_faults", "pause@0")}
     proc = subprocess.Popen([sys.executable, "train/sft.py", f"output_dir={tmp_path / 'early'}", *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -330,7 +330,7 @@ def test_ctrl_c_before_the_first_step_and_a_second_ctrl_c(tmp_path):
     assert proc.returncode == 130 and "before the first step: nothing to save" in stderr, stderr[-2000:]
     assert "Traceback" not in stderr
     # a second Ctrl-C, REPEAT_S after the first: no checkpoint, no waiting for the step
-    env["MIXTRAL_TUNE_FAULTS"] = "pause@2,pause_in_save@2"
+    env.update(with_faults(tmp_path / "twice_faults", "pause@2", "pause_in_save@2"))
     proc = subprocess.Popen([sys.executable, "train/sft.py", f"output_dir={tmp_path / 'twice'}", *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_step(proc, tmp_path / "twice", 2)
