@@ -13,7 +13,7 @@ once more with the experts in tiles of 256 tokens (`model.tiled_mlp_tokens=256`,
                      on the optimizer's states exist, so everything but the activations is the same at every L)
     activation(L)  = peak(L) − peak(L_min)      the part that grows with the row
 
-The runs set MIXTRAL_TUNE_MMAP_THRESHOLD=131072 (train/memory_log.py) so RSS follows allocations. Goals
+The runs use the stages' own allocator settings (train/memory_log.py `set_mmap_threshold`). Goals
 (issue: long context): activation(SP 2) ≤ 0.6 × activation(1 rank) at the longest row, and activation
 per token per rank flat across lengths (linear growth: no (L × L) score matrix and no (L × V) logits,
 model/attention.py and model/losses.py). The last line is activation(SP 2) / activation(1 rank) at the

@@ -54,6 +54,8 @@ def validate(cfg, world_size: int | None = None) -> None:
     if cfg.model_path is None and cfg.max_seq_len > positions:  # with model_path: its config.json's (train/preflight.py)
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds model.max_position_embeddings={positions}")
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
+    if cfg.malloc_mmap_threshold is not None:
+        _positive("malloc_mmap_threshold", cfg.malloc_mmap_threshold)
     check_deepspeed_section(cfg.deepspeed or {})
     accumulate = ((cfg.deepspeed or {}).get("data_types") or {}).get("grad_accum_dtype")
     if accumulate in ("fp32", "float32") and (cfg.deepspeed.get("zero_optimization") or {}).get("stage") in (0, 1, None):

@@ -182,6 +182,9 @@ class StageConfig:
     export: bool = True               # write the HF folder hf/ at the end
     verify_export: bool = True        # compare the export's logits with the live model's on a probe batch
     dist_timeout_s: int = 300         # collective timeout, and how long a silent peer rank is waited for
+    malloc_mmap_threshold: Optional[int] = None  # bytes: glibc gives every allocation this large its own mapping,
+                                      # returned on free (null: the stages' own, 1 MiB while loading, 4 MiB under
+                                      # ZeRO-3 training, 32 MiB otherwise; train/memory_log.py set_mmap_threshold)
     max_bad_steps: int = 5            # stop (after a checkpoint) when this many steps in a row are non-finite
     plan: PlanConfig = field(default_factory=PlanConfig)
     overwrite: bool = False           # start afresh in a non-empty output_dir (its tokenization cache is kept)

@@ -26,7 +26,7 @@ from pathlib import Path
 from train.config import ConfigError
 
 MAY_CHANGE = ("output_dir", "max_steps", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "resume",
-              "overwrite", "export", "verify_export", "dist_timeout_s", "max_bad_steps", "expert_parallel_size", "sequence_parallel_size", "micro_batch_size",
+              "overwrite", "export", "verify_export", "dist_timeout_s", "malloc_mmap_threshold", "max_bad_steps", "expert_parallel_size", "sequence_parallel_size", "micro_batch_size",
               "deepspeed", "logging", "plan", "hub", "recipe_name", "model.gradient_checkpointing",
               "model.attn_implementation", "model.experts_implementation", "model.tiled_mlp_tokens", "data.num_proc",
               "data.cache_dir")

@@ -43,7 +43,9 @@ def set_mmap_threshold(nbytes: int) -> bool:
     default, 0.95× with 1 MiB. During training the stages use 32 MiB (1 MiB made every activation a fresh
     mmap: a ZeRO-0 CPU step fell from MFU 0.68 to 0.44), and 4 MiB under ZeRO-3, where every step gathers
     and frees each layer's parameters (first-step peak 1.38× → 0.97× of the model above baseline).
-    False where there is no glibc. These settings are the stages' own, for every run (benchmarks included)."""
+    False where there is no glibc. These settings are the stages' own, for every run; the key
+    `malloc_mmap_threshold` replaces them (e.g. 131072: RSS then follows the bytes allocated, as the planner
+    counts them, tests/bench/test_plan_accuracy.py)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

@@ -136,7 +136,7 @@ def build_engine(cfg, model, run: Run):
         settle_quantized_expert_parallel(engine)
     fp32_router_logits(engine.module)  # AutoEP built new routers inside initialize
     check_expert_placement(engine.module, placement(ds, run.rank))
-    set_mmap_threshold((4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log.set_mmap_threshold
+    set_mmap_threshold(cfg.malloc_mmap_threshold or (4 if zero_stage(ds) == 3 else 32) * 2**20)  # training: see memory_log
     run.memory.end("engine")
     if run.world == 1 and zero_stage(ds) == 0 and run.dtype == torch.float32:
         # One process, plain fp32 ZeRO-0: DeepSpeed's gradient "all-reduce" would flatten every gradient into a
@@ -150,7 +150,8 @@ def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
     this rank's experts under expert parallelism; `ds` is the engine's DeepSpeed config, default the
     stage's), with an `LMHead` as its LM head (model/head.py: logits, or the loss given targets). A hub
     `model_path` is downloaded by one rank per node first. Peak memory from here to the end is recorded as `phase`."""
-    set_mmap_threshold(2**20)  # loading and engine set-up free many MB-sized tensors: give them back to the OS
+    # loading and engine set-up free many MB-sized tensors: give them back to the OS
+    set_mmap_threshold(cfg.malloc_mmap_threshold or 2**20)
     run.memory.begin()
     if cfg.model_path is not None and not os.path.isdir(os.path.expanduser(cfg.model_path)):
         if run.local_rank == 0:

@@ -146,17 +146,17 @@ def start(cfg) -> Run:
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed)
+    history = []
+    if rank == 0:  # what this segment runs with, and what each resume changed (train/contract.py)
+        tags = complete_checkpoints(out / "checkpoints")
+        history = resume_history(cfg, int(tags[-1].name.split("_")[1]) if tags else None)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True)
+                                         + (yaml.safe_dump({"resumes": history}, sort_keys=False) if history else ""))
     sp = cfg.sequence_parallel_size
     run = Run(rank=rank, world=world, local_rank=local_rank, device=device, dtype=resolve_dtype(cfg.precision),
-              out=Path(cfg.output_dir), gas=accumulation_steps(cfg, world),
-              sp=sp, grad_factor=sequence_parallel.gradient_factor(zero_stage(cfg.deepspeed), sp), model_config=model_cfg,
+              out=out, gas=accumulation_steps(cfg, world), sp=sp, resumes=history, model_config=model_cfg,
+              grad_factor=sequence_parallel.gradient_factor(zero_stage(cfg.deepspeed), sp),
               watchdog=faults.Watchdog(rank, world, cfg.dist_timeout_s, cfg.stage))
-    if run.main:  # what this segment runs with, and what each resume changed (train/contract.py)
-        tags = complete_checkpoints(run.out / "checkpoints")
-        history = resume_history(cfg, int(tags[-1].name.split("_")[1]) if tags else None)
-        (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True)
-                                             + (yaml.safe_dump({"resumes": history}, sort_keys=False) if history else ""))
-        run.resumes = history
     run.barrier()
     faults.pause_if("pause", 0, lambda: STOPS.signum)  # tests: a Ctrl-C before the first step
     run.memory = PhaseMemory(run, cfg.stage)

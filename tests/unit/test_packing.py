@@ -62,6 +62,32 @@ def test_the_gpu_path_keeps_packed_documents_apart(dtype, tokenizer, monkeypatch
     assert not per_document
 
 
+@pytest.mark.parametrize("device_splits", [True, False], ids=["cpu", "gpu_path"])
+def test_a_call_without_mask_keeps_packed_documents_apart_by_position(device_splits, model, tokenizer, monkeypatch):
+    """What the sequence-parallel attention does (model/sequence_parallel.py): it gathers whole rows and calls the
+    attention function without a mask, in training and in eval. The function then keeps the documents apart
+    by their positions on every device: each document's output equals the document alone."""
+    from model import attention
+
+    monkeypatch.setattr(attention, "splits_documents_on", lambda device: device_splits)
+    layer = model.model.layers[0].self_attn
+    docs = [encode_text(t, tokenizer) for t in ["The grass is green.", "One two three four five six."]]
+    b = pack_rows(docs, max_seq_len=40, pad_id=tokenizer.pad_id, kind="text").batch([0])
+    n = sum(len(ids) for ids, _ in docs)
+    pos = b["position_ids"][:, :n]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, 8, generator=g) for heads in (4, 2, 2))
+    with torch.no_grad():
+        packed, _ = attention.packed_sdpa_attention_forward(layer, q, k, v, None, position_ids=pos)
+        at = 0
+        for ids, _ in docs:
+            sl = slice(at, at + len(ids))
+            alone, _ = attention.sdpa_attention_forward(layer, q[:, :, sl], k[:, :, sl], v[:, :, sl], None,
+                                                        is_causal=True)
+            torch.testing.assert_close(packed[0, sl], alone[0], atol=1e-5, rtol=1e-5)
+            at += len(ids)
+
+
 def test_positions_restart_and_labels_stay_inside_documents(tokenizer):
     docs = [encode_text("a b c", tokenizer), encode_text("d e", tokenizer)]
     rows = pack_rows(docs, max_seq_len=20, pad_id=0, kind="text")
