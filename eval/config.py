@@ -9,6 +9,10 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from train.config import Precision, choice
+
+PasskeyMode = choice("PasskeyMode", "completion chat", __name__)
+
 
 
 @dataclass
@@ -19,11 +23,11 @@ class PasskeyConfig:
     # where the key sits (0: start, 1: end)
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 5                   # keys per (length, depth) cell
-    mode: str = "completion"                # completion (base models) | chat ([INST], chat models)
+    mode: PasskeyMode = PasskeyMode("completion")  # completion (base models) | chat ([INST], chat models)
     seed: int = 0                     # the keys drawn
     batch_size: int = 8               # prompts per forward pass
     max_new_tokens: int = 10          # answer length
-    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
+    dtype: Precision = Precision("auto")  # auto | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -50,7 +54,7 @@ class MTBenchConfig:
     batch_size: int = 8               # prompts per forward pass
     limit: Optional[int] = None             # first N questions (smoke runs)
     seed: int = 0                     # sampling seed
-    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
+    dtype: Precision = Precision("auto")  # auto | fp32 | bf16 | fp16
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -61,7 +65,7 @@ class ServeConfig:
     host: str = "127.0.0.1"                 # loopback unless told otherwise
     port: int = 8000                  # TCP port (0: any free one)
     max_new_tokens: int = 512         # answer length when a request gives no max_tokens
-    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
+    dtype: Precision = Precision("auto")  # auto | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -71,7 +75,7 @@ class RoutingConfig:
     data: dict[str, str] = field(default_factory=dict)  # subset name → text file/jsonl; empty: built-in subsets
     max_tokens: int = 4096                  # per subset
     seq_len: int = 512                # tokens per forward pass
-    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
+    dtype: Precision = Precision("auto")  # auto | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -80,16 +84,13 @@ class ChatConfig:
     system: Optional[str] = None      # system prompt
     max_new_tokens: int = 512         # answer length
     temperature: float = 0.7          # sampling temperature (0: greedy)
-    dtype: str = "auto"               # auto | fp32 | bf16 | fp16
+    dtype: Precision = Precision("auto")  # auto | fp32 | bf16 | fp16
 
 
 cs = ConfigStore.instance()
 for _name, _node in (("passkey_schema", PasskeyConfig), ("mt_bench_schema", MTBenchConfig), ("serve_schema", ServeConfig),
                      ("routing_schema", RoutingConfig), ("chat_schema", ChatConfig)):
     cs.store(name=_name, node=_node)
-
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _model_path(cfg) -> None:
@@ -124,20 +125,12 @@ def validate_eval(cfg) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
 
-    def one_of(key, allowed):
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-
     _model_path(cfg)
-    if "dtype" in cfg:
-        one_of("dtype", DTYPES)
     for key in ("max_new_tokens", "batch_size", "trials", "limit", "max_tokens", "seq_len", "judge.concurrency",
                 "judge.max_tokens"):
         if OmegaConf.select(cfg, key) is not None:
             positive(key)
     if "depths" in cfg:  # passkey
-        one_of("mode", ("completion", "chat"))
         bad = [d for d in cfg.depths if not 0.0 <= d <= 1.0]
         if bad or not cfg.depths:
             raise ConfigError(f"depths={list(cfg.depths)}: each depth is a share of the document between 0 and 1 "

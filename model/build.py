@@ -9,8 +9,8 @@ goes straight into `MixtralConfig`.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -41,9 +41,15 @@ def resolve_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+def plain(preset: Mapping) -> dict:
+    """`preset` as a dict of plain values: a choice key's value (an `Enum` that is a `str`, train/config.py
+    `Choice`) as its string."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in dict(preset).items()}
+
+
 def mixtral_config(preset: Mapping) -> MixtralConfig:
     """`MixtralConfig` from a preset mapping (HF key names)."""
-    values = {k: v for k, v in dict(preset).items() if k not in BUILD_KEYS}
+    values = {k: v for k, v in plain(preset).items() if k not in BUILD_KEYS}
     return MixtralConfig(**values)
 
 
@@ -120,7 +126,7 @@ def build_model(
         The preset's `quantize` ("none" | "nf4") stores the attention and expert weights in 4 bits as they
         are read (model/quantize.py; QLoRA).
     """
-    preset = dict(preset)
+    preset = plain(preset)
     placement = dataclasses.replace(placement or Placement(), quantize=preset.get("quantize") or "none")
     attn = attn_implementation or preset.get("attn_implementation", attention.NAME)
     config = model_config(preset, model_path)

@@ -52,7 +52,7 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None
     """Plain DeepSpeed config dict for this launch. Prints nothing; see `batch_arithmetic`.
     `model_config` (the MixtralConfig actually trained, e.g. `model_path`'s) sizes the ZeRO-3 buffers;
     None: the preset `cfg.model`."""
-    ds = OmegaConf.to_container(cfg.deepspeed, resolve=True) if cfg.deepspeed else {}
+    ds = OmegaConf.to_container(cfg.deepspeed, resolve=True, enum_to_str=True) if cfg.deepspeed else {}
     sp = cfg.get("sequence_parallel_size", 1)
     gas = accumulation_steps(cfg, world_size)
     if sp > 1:  # DeepSpeed's batch check then counts data-parallel groups, not ranks
@@ -84,7 +84,7 @@ def deepspeed_config(cfg, world_size: int, dtype: torch.dtype, model_config=None
         from model.build import mixtral_config
         from model.memory import parameter_counts
 
-        m = model_config if model_config is not None else mixtral_config(OmegaConf.to_container(cfg.model, resolve=True))
+        m = model_config if model_config is not None else mixtral_config(OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True))
         h = m.hidden_size
         layer = parameter_counts(m)["layer_experts"] + parameter_counts(m)["layer_dense"]
         zero.setdefault("reduce_bucket_size", h * h)

@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import re
 import signal
 import sys
 import typing
@@ -111,6 +112,9 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
     name = type(cause).__name__
     if full_key and name in ("ConfigKeyError", "ConfigAttributeError", "KeyValidationError"):
         return f"unknown key '{full_key}'"
+    choices = re.match(r"Invalid value '.*', expected one of \[(.*)\]$", text)
+    if choices:  # a choice key (train/config.py `Choice`)
+        text = f"expected one of {choices.group(1)}"
     if full_key:
         value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == full_key), None)
         return f"{full_key}={value!r}: {text}" if value is not None else f"{full_key}: {text}"

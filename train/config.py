@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -21,6 +22,38 @@ from omegaconf import MISSING
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
+
+
+class Choice(str, Enum):
+    """The values a choice key allows. OmegaConf refuses any other at composition (`precision=bf17` names the key
+    and the choices); in code a value is a `str` that compares, hashes and prints as itself (`cfg.precision ==
+    "bf16"`). `OmegaConf.to_container(..., enum_to_str=True)` where plain data leaves the config."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def choice(name: str, values: str, module: str = __name__) -> type[Choice]:
+    """A `Choice` named `name` (defined in `module`) whose values are the words of `values`."""
+    return Choice(name, [(v, v) for v in values.split()], module=module, qualname=name)
+
+
+AttnImplementation = choice("AttnImplementation", "packed_sdpa sdpa eager flash_attention_2 flex_attention")
+ExpertsImplementation = choice("ExpertsImplementation", "sorted_grouped_mm grouped_mm batched_mm eager")
+Quantize = choice("Quantize", "none nf4")
+OptimName = choice("OptimName", "adamw sgd")
+Schedule = choice("Schedule", "cosine linear constant wsd")
+DataFormat = choice("DataFormat", "auto text messages alpaca sharegpt preference hh_rlhf unpaired")
+Overlong = choice("Overlong", "truncate drop")
+OnError = choice("OnError", "raise skip")
+LoggingBackend = choice("LoggingBackend", "none wandb")
+WandbMode = choice("WandbMode", "offline online disabled")
+LossType = choice("LossType", "sigmoid ipo hinge robust kto orpo simpo")
+ReferenceMode = choice("ReferenceMode", "precomputed live adapters_off")
+Precision = choice("Precision", "auto fp32 bf16 fp16")
 
 
 @dataclass
@@ -54,22 +87,22 @@ class ModelConfig:
     hidden_act: str = "silu"          # expert activation
     bos_token_id: int = 1             # <s>
     eos_token_id: int = 2             # </s>
-    attn_implementation: str = "packed_sdpa"  # packed_sdpa (model/attention.py) | sdpa | eager | flash_attention_2 | flex_attention
-    experts_implementation: str = "sorted_grouped_mm"  # sorted_grouped_mm (model/experts.py) | grouped_mm | batched_mm | eager
+    attn_implementation: AttnImplementation = AttnImplementation("packed_sdpa")  # packed_sdpa (model/attention.py) | sdpa | eager | flash_attention_2 | flex_attention
+    experts_implementation: ExpertsImplementation = ExpertsImplementation("sorted_grouped_mm")  # sorted_grouped_mm (model/experts.py) | grouped_mm | batched_mm | eager
     gradient_checkpointing: bool = False  # recompute each layer in backward (less memory, ~30% more compute)
     tiled_mlp_tokens: int = 0         # > 0: MoE experts run in tiles of this many tokens (model/tiled_moe.py)
-    quantize: str = "none"            # none | nf4: attention and expert weights in 4 bits (QLoRA, model/quantize.py)
+    quantize: Quantize = Quantize("none")  # none | nf4: attention and expert weights in 4 bits (QLoRA, model/quantize.py)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"               # adamw | sgd (plain SGD: debugging, gradient-scale checks)
+    name: OptimName = OptimName("adamw")  # adamw | sgd (plain SGD: debugging, gradient-scale checks)
     lr: float = 3e-4                  # peak learning rate
     weight_decay: float = 0.0         # AdamW decoupled weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     eps: float = 1e-8                 # AdamW epsilon
     warmup_steps: int = 0             # linear warmup from lr/warmup_steps (train/model_setup.py lr_lambda)
-    schedule: str = "cosine"          # cosine | linear | constant | wsd (constant, then linear over decay_fraction)
+    schedule: Schedule = Schedule("cosine")  # cosine | linear | constant | wsd (constant, then linear over decay_fraction)
     min_lr_ratio: float = 0.1         # the schedules' floor, as a fraction of lr
     decay_fraction: float = 0.2       # wsd: the last part of the steps (after warmup) that decays to min_lr_ratio
     grad_clip: float = 1.0            # global gradient-norm clip (0: off)
@@ -85,13 +118,13 @@ class RouterConfig:
 @dataclass
 class DataConfig:
     path: str = "synthetic"           # file, folder, hub dataset name, or "synthetic" (project-generated)
-    format: str = "auto"              # auto|text|messages|alpaca|sharegpt|preference|hh_rlhf|unpaired (KTO)
+    format: DataFormat = DataFormat("auto")  # auto|text|messages|alpaca|sharegpt|preference|hh_rlhf|unpaired (KTO)
     split: str = "train"              # hub dataset split
     name: Optional[str] = None        # hub dataset config name
     text_field: str = "text"          # the field holding pretraining text
     packing: bool = True              # several examples per row (position ids restart per example)
-    overlong: str = "truncate"        # truncate | drop
-    on_error: str = "raise"           # raise | skip
+    overlong: Overlong = Overlong("truncate")  # truncate | drop
+    on_error: OnError = OnError("raise")  # raise | skip
     dedup: bool = True                # drop exact duplicate records (counted, listed in skipped.jsonl)
     max_record_chars: int = 1_000_000 # a longer line/record is an error (a broken export, not a sample)
     max_samples: Optional[int] = None  # use the first N records (null: all)
@@ -104,10 +137,10 @@ class DataConfig:
 
 @dataclass
 class LoggingConfig:
-    backend: str = "none"             # none | wandb
+    backend: LoggingBackend = LoggingBackend("none")  # none | wandb
     project: str = "mixtral-tune"     # wandb project
     run_name: Optional[str] = None    # wandb run name (null: the output_dir's name)
-    mode: str = "offline"             # wandb mode: offline | online | disabled
+    mode: WandbMode = WandbMode("offline")  # wandb mode: offline | online | disabled
     log_every: int = 1                # steps between console lines
     heatmap_every: int = 50           # steps between expert-load heatmaps (wandb)
     dead_expert_steps: int = 20       # warn when an expert gets no token for this many steps
@@ -139,7 +172,7 @@ class LoraConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1                 # KL strength β of the DPO loss
-    loss_type: str = "sigmoid"        # sigmoid | ipo | hinge | robust | kto (with a reference) | orpo | simpo (reference-free)
+    loss_type: LossType = LossType("sigmoid")  # sigmoid | ipo | hinge | robust | kto (with a reference) | orpo | simpo (reference-free)
     label_smoothing: float = 0.0      # cDPO label smoothing (sigmoid loss)
     sft_weight: float = 0.0           # RPO-style NLL on chosen (ORPO: always 1, part of its loss)
     dpop_lambda: float = 0.0          # DPOP: λ·max(0, log π_ref(y_w) − log π(y_w)) taken off the margin
@@ -150,7 +183,7 @@ class DPOConfig:
                                       # reference forward every N steps (0: off; live / adapters_off: every step, free)
     drift_alarm: float = 0.0          # print an alarm when the mean router KL(policy ‖ reference) passes this (0: off)
     mask_common_suffix: bool = False  # leave the answers' shared ending (". </s>") out of both log-probs (collate)
-    reference: str = "precomputed"    # precomputed | live | adapters_off (LoRA)
+    reference: ReferenceMode = ReferenceMode("precomputed")  # precomputed | live | adapters_off (LoRA)
     max_prompt_len: Optional[int] = None  # cut prompts to this many tokens (null: max_seq_len decides)
 
 
@@ -168,7 +201,7 @@ class StageConfig:
     global_batch_size: int = 8        # rows (pairs for DPO) per optimizer step, over all ranks
     micro_batch_size: int = 1         # rows per forward pass per rank (accumulation makes up the rest)
     max_seq_len: int = 512            # tokens per row
-    precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Precision = Precision("auto")  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     optim: OptimConfig = field(default_factory=OptimConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     data: DataConfig = field(default_factory=DataConfig)

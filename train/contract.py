@@ -64,7 +64,7 @@ def _changes(cfg, saved: dict) -> dict:
     from omegaconf import OmegaConf
 
     before = flatten({k: v for k, v in saved.items() if k not in RECORDS})
-    after = flatten(OmegaConf.to_container(cfg, resolve=True))
+    after = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     keys = [k for k in after if k in before and before[k] != after[k] and k not in MODES]
     return {k: [before[k], after[k]] for k in sorted(keys, key=lambda k: (k not in FIRST, FIRST.index(k) if k in FIRST else 0, k))}
 

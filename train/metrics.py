@@ -70,7 +70,7 @@ class Metrics:
             import wandb
 
             self.wandb = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, mode=cfg.logging.mode,
-                                    dir=str(run.out), config=OmegaConf.to_container(cfg, resolve=True), resume="allow")
+                                    dir=str(run.out), config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resume="allow")
 
     def expert_load(self, counts_LE: torch.Tensor) -> dict:
         """All-reduce a step's assignment counts and return the statistics (all ranks call)."""

@@ -157,7 +157,7 @@ def load_model(cfg, run: Run, ds: dict | None = None, phase: str = "load"):
         if run.local_rank == 0:
             model_folder(cfg.model_path)
         run.barrier()
-    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), model_path=cfg.model_path,
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True), model_path=cfg.model_path,
                         dtype=run.dtype, seed=cfg.seed,
                         placement=placement(ds or deepspeed_config(cfg, run.world, run.dtype, run.model_config), run.rank))
     install_lm_head(model)

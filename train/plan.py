@@ -41,7 +41,7 @@ def model_config(cfg):
 
     from model.build import mixtral_config, model_config as read
 
-    preset = OmegaConf.to_container(cfg.model, resolve=True)
+    preset = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     if cfg.model_path:
         try:
             return read(preset, cfg.model_path), f"{cfg.model_path}/config.json"

@@ -53,7 +53,7 @@ def model_config_of(cfg):
     from model.build import model_config
 
     try:
-        return model_config(OmegaConf.to_container(cfg.model, resolve=True), cfg.model_path)
+        return model_config(OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True), cfg.model_path)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

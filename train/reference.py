@@ -54,7 +54,7 @@ def weights_fingerprint(cfg) -> dict:
         return {"hub": cfg.model_path}
     from omegaconf import OmegaConf
 
-    return {"preset": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.seed}
+    return {"preset": OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True), "seed": cfg.seed}
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ def help_text(script: str, config_name: str, schema, recipes: list[str], trainin
 
     from train.config import compose
 
-    cfg = OmegaConf.to_container(compose(config_name), resolve=False)
+    cfg = OmegaConf.to_container(compose(config_name), resolve=False, enum_to_str=True)
     flat: dict[str, object] = {}
 
     def walk(node, prefix):

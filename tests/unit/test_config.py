@@ -64,7 +64,7 @@ def _error_text(overrides, world_size=None):
         (["lora.enabled=true", "lora.experts=true", "expert_parallel_size=2"], None, "lora.experts=true with expert_parallel_size>1"),
         (["lora.enabled=true", "expert_parallel_size=2", "deepspeed=zero2"], None, "LoRA with expert parallelism runs under deepspeed=zero0 or zero1"),
         (["model.quantize=nf4"], None, "model.quantize=nf4 needs lora.enabled=true"),
-        (["model.quantize=int4", "lora.enabled=true"], None, "model.quantize=int4: one of none, nf4"),
+        (["model.quantize=int4", "lora.enabled=true"], None, "expected one of [none, nf4]"),
         (["model.quantize=nf4", "lora.enabled=true", "deepspeed=zero3"], None, "model.quantize=nf4 with ZeRO-3"),
         (["model.quantize=nf4", "lora.enabled=true", "expert_parallel_size=2"], None, "expert_parallel_size>1 needs model_path"),
         (["lora.enabled=true", "lora.experts=true", "deepspeed=zero3"], None, "lora.experts=true with ZeRO-3"),
@@ -92,7 +92,7 @@ def test_recipe_with_unknown_key_fails(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, needle", [(["dpo.beta=0"], "dpo.beta=0"), (["dpo.dpop_lambda=-1"], "dpo.dpop_lambda=-1"),
-                                               (["dpo.loss_type=kpo"], "dpo.loss_type"),
+                                               (["dpo.loss_type=kpo"], "dpo.loss_type='kpo': expected one of sigmoid, ipo"),
                                                (["dpo.loss_type=kto", "dpo.sft_weight=1"], "no chosen answer for an NLL"),
                                                (["dpo.loss_type=kto", "dpo.mask_common_suffix=true"], "needs a pair"),
                                                (["dpo.loss_type=kto", "dpo.undesirable_weight=0"], "both must be > 0"),
@@ -102,8 +102,11 @@ def test_recipe_with_unknown_key_fails(tmp_path, monkeypatch):
                                                  "expert_parallel_size=2", "deepspeed=zero1"],
                                                 "with lora.train_router=true and expert_parallel_size>1")])
 def test_dpo_config_errors_name_the_key(overrides, needle):
+    from train.cli import compose_strict
+    from train.config import DPOStageConfig
+
     with pytest.raises(ConfigError) as err:
-        validate(compose("dpo", overrides))
+        validate(compose_strict("dpo", overrides, DPOStageConfig))
     assert needle in str(err.value)
 
 
