@@ -1,6 +1,7 @@
 """The checks Hydra cannot express: `validate(cfg, world_size)` applies the cross-key rules (expert and
-sequence parallel sizes, batch arithmetic, enumerations, combinations) and raises `ConfigError` naming the
-key before any heavy work; `check_output_dir` / `start_afresh` guard a run's output folder."""
+sequence parallel sizes, batch arithmetic, combinations; the choice keys are typed in train/config.py) and
+raises `ConfigError` naming the key before any heavy work; `check_output_dir` / `start_afresh` guard a run's
+output folder. (train/preflight.py checks the layout against the model and the machine.)"""
 
 from __future__ import annotations
 
