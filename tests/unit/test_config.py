@@ -72,6 +72,7 @@ def _error_text(overrides, world_size=None):
         (["data.synthetic_passkey_filler=-1"], None, "data.synthetic_passkey_filler=-1"),
         (["optim.schedule=wsd", "optim.decay_fraction=0"], None, "optim.decay_fraction=0"),
         (["sequence_parallel_size=0"], None, "sequence_parallel_size"),
+        (["malloc_mmap_threshold=0"], None, "malloc_mmap_threshold=0"),
         (["sequence_parallel_size=8"], None, "must divide model.num_attention_heads=4"),
         (["sequence_parallel_size=2"], 3, "sequence_parallel_size=2 does not divide the world size 3"),
         (["sequence_parallel_size=2", "global_batch_size=2", "micro_batch_size=2"], 4,
