@@ -25,7 +25,7 @@ import torch
 from train.config import compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, run_stage_measured  # noqa: E402
+from _common import run_stage_measured  # noqa: E402
 from mfu import matmul_peak  # noqa: E402
 
 

@@ -96,7 +96,7 @@ def main() -> None:
               f"peak RSS {max(r['peak_rss_mb'] for r in v):6.0f} MB  loss per step "
               + " ".join(f"{x:.4f}" for x in v[0]["losses"]))
     shutil.rmtree(tmp, ignore_errors=True)
-    dpo, free = runs["ours (precomputed reference)"][0], runs["ours SimPO (reference-free)"][0]
+    dpo = runs["ours (precomputed reference)"][0]
     print(f"reference-free saving against our DPO: no reference pass ({dpo['init_s']:.1f}s avoided, "
           f"{100 * dpo['init_s'] / (dpo['init_s'] + dpo['train_s']):.0f}% of the DPO run's reference pass + steps); "
           f"training pairs/s ratio SimPO / DPO {med['ours SimPO (reference-free)'] / med['ours (precomputed reference)']:.2f}")

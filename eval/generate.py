@@ -17,9 +17,6 @@ from data.tokenizer import load_tokenizer
 from model.router import fp32_router_logits
 
 
-from model.router import fp32_router_logits
-
-
 def load(model_path: str | Path, dtype: str = "auto", device: str | None = None):
     """(model, tokenizer) from an HF folder or hub name; safetensors only, no remote code."""
     from transformers import AutoModelForCausalLM

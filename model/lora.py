@@ -36,7 +36,6 @@ def apply_lora(model, lora_cfg, dtype=None):
     `dtype` (the run's): peft creates them in torch's default dtype, and ZeRO-3 partitions them as they are,
     so a bf16 run trained fp32 adapters there (ZeRO 0-2 cast the module) and its merged bf16 export differed
     from the live model."""
-    import torch
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
