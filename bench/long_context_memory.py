@@ -1,6 +1,6 @@
 """Peak memory of one training step against row length, one rank against sequence parallelism.
 
-    python bench/long_context_memory.py                         # small preset, 1k-8k tokens (~10 min on 2 cores)
+    python bench/long_context_memory.py                         # small preset, 1k-8k tokens (~14 min on 2 cores)
     python bench/long_context_memory.py --model tiny --lengths 256 512 1024   # the CI smoke run
 
 Each point runs 2 optimizer steps of continued pretraining (`train/pretrain.py`, ZeRO-1, fp32, no
