@@ -50,6 +50,7 @@ def test_lora_adapters_off_reference(tmp_path):
 
     from model.build import build_model
     from model.card import front_matter
+    from model.export import export_tolerance
     from train.config import compose
 
     base = tmp_path / "base"
@@ -64,11 +65,22 @@ def test_lora_adapters_off_reference(tmp_path):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base)
     assert front_matter((out / "hf" / "README.md").read_text())["base_model"] == str(base)
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "adapter").eval()
+    # peft's W·x + s·B(A·x) on the base as the run held it (bf16, computed in fp32) against the merged bf16(W + s·BA)
+    bf16_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).float()
+    with_adapter = PeftModel.from_pretrained(bf16_base, out / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
     ids = torch.randint(3, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # bf16 merge and base (model/export.py export_tolerance)
-        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=4 * 2**-7, rtol=4 * 2**-7)
+    with torch.no_grad():
+        want, have = (m(ids, output_router_logits=True) for m in (with_adapter, merged))
+    # The merge's bf16 rounding can flip a near-tie between a token's 2nd and 3rd expert (seen on one CPU: 1 token
+    # of 32, one layer); such a token's logits legitimately differ. Every other token: within the export check's
+    # tolerance (model/export.py export_tolerance, relative to the largest logit).
+    same = torch.ones(ids.numel(), dtype=torch.bool)
+    for w, h in zip(want.router_logits, have.router_logits):
+        same &= (w.topk(2, -1).indices.sort(-1).values == h.topk(2, -1).indices.sort(-1).values).all(-1)
+    assert same.sum() >= ids.numel() - 2, f"routing differs on {int((~same).sum())} of {ids.numel()} tokens"
+    tol = export_tolerance(torch.bfloat16) * max(1.0, want.logits.abs().max().item())
+    assert (have.logits - want.logits).abs().flatten(0, 1)[same].max().item() <= tol
     check_hf_repository(out / "hf", proc.stdout, "dpo")
 
 
