@@ -74,8 +74,10 @@ def test_qlora_trains_like_lora_on_the_dequantized_model(stage, layout, nproc, r
     a, b = _adapters(q), _adapters(o)
     assert a.keys() == b.keys()
     for k in a:
-        # under EP, DeepSpeed's expert layer runs gate and up as two GEMMs, ours as one: rounding differs slightly
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3 if layout else 1e-4, atol=1e-5 if layout else 1e-6)
+        # under EP, DeepSpeed's expert layer runs gate and up as two GEMMs, ours as one: rounding differs slightly,
+        # and Adam's normalised steps carry it into the weights (measured on one CPU: 1.8e-5 on 1 of 4096 entries of
+        # ~5e-3 after DPO on `small` with EP 2); a wrong kernel differs by the weights' own size
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3 if layout else 1e-4, atol=5e-5 if layout else 1e-6)
     assert "export check: " in proc.stdout  # the merged export (the 16-bit base + adapters) passed it
     if stage == "dpo":
         assert metrics(q)[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # adapters-off reference == policy
