@@ -25,7 +25,7 @@ CASES = {
     "dpo_reference_memory.py": (["--model", "tiny", "--steps", "3"], "dpo live/precomputed peak RSS"),
     "long_context_memory.py": (["--model", "tiny", "--lengths", "256", "1024"], "sp2 / 1-rank activation at 1024 tokens"),
     "bf16_vs_fp32.py": (["--model", "tiny", "--steps", "3", "--stages", "sft"], "bf16 / fp32 sft tokens/s"),
-    "qlora_memory.py": (["--hidden", "128", "--ffn", "256", "--layers", "2", "--steps", "2"], "qlora peak RSS ratio vs TRL"),
+    "qlora_memory.py": (["--hidden", "256", "--ffn", "512", "--layers", "2", "--steps", "2", "--max-len", "64"], "qlora peak RSS ratio vs TRL"),
     "prefs_vs_trl.py": (["--model", "tiny", "--steps", "2", "--max-len", "256", "--pairs", "8"],
                         "prefs examples/s ratio vs TRL (lowest of kto, simpo, orpo)"),
 }

@@ -58,11 +58,12 @@ EP2 = ["deepspeed=zero1", "expert_parallel_size=2"]
 
 @pytest.mark.parametrize("stage,layout,nproc", [
     ("sft", [], 1), ("dpo", [], 1),
-    pytest.param("sft", EP2, 2, id="sft-ep2"),  # each rank quantizes and holds only its own experts
-    pytest.param("dpo", EP2, 2, id="dpo-ep2", marks=pytest.mark.layouts),
+    # each rank quantizes and holds only its own experts
+    pytest.param("sft", EP2, 2, id="sft-ep2", marks=pytest.mark.layouts),
+    pytest.param("dpo", EP2, 2, id="dpo-ep2", marks=pytest.mark.extended),
     pytest.param("sft", ["deepspeed=zero0", "expert_parallel_size=2"], 4, id="sft-zero0-ep2xdp2", marks=pytest.mark.layouts),
-    pytest.param("sft", ["model=small"], 1, id="sft-small", marks=pytest.mark.layouts),
-    pytest.param("dpo", ["model=small", *EP2], 2, id="dpo-small-ep2", marks=pytest.mark.layouts)])
+    pytest.param("sft", ["model=small"], 1, id="sft-small", marks=pytest.mark.extended),
+    pytest.param("dpo", ["model=small", *EP2], 2, id="dpo-small-ep2", marks=pytest.mark.extended)])
 def test_qlora_trains_like_lora_on_the_dequantized_model(stage, layout, nproc, request, tmp_path):
     base, dequantized = request.getfixturevalue("small_folders" if "model=small" in layout else "folders")
     q, o = tmp_path / "qlora", tmp_path / "lora"

@@ -86,7 +86,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", pytest.param("dpo", marks=pytest.mark.extended)])
 def test_sigkill_at_random_step_then_resume_is_exact(stage, uninterrupted, tmp_path):
     kill_at = random.Random(os.urandom(8)).randint(2, 6)
     out = tmp_path / "run"
@@ -131,8 +131,9 @@ REPEATED = ["recipe=tiny/sft", "data.synthetic_samples=8", "data.packing=false",
             "optim.lr=3e-3", "verify_export=false", "export=false"]
 
 
-@pytest.mark.parametrize("parallel", [["deepspeed=zero0"], ["deepspeed=zero3", "expert_parallel_size=2"]],
-                         ids=["zero0", "zero3_ep2"])
+@pytest.mark.parametrize("parallel", [pytest.param(["deepspeed=zero0"], id="zero0"),
+                                      pytest.param(["deepspeed=zero3", "expert_parallel_size=2"], id="zero3_ep2",
+                                                   marks=pytest.mark.extended)])
 def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop(parallel, tmp_path):
     """ZeRO-0: our optimizer's skip alone; ZeRO-3 + EP: DeepSpeed's own overflow check meets ours."""
     faulty = tmp_path / "faulty"
@@ -220,12 +221,13 @@ def test_dead_rank_is_named_and_the_survivor_exits(tmp_path):
 
 @pytest.mark.parametrize("stage, extra, before, after", [
     ("sft", ["recipe=tiny/sft", "precision=bf16"], (2, ["deepspeed=zero3", "expert_parallel_size=2"]), (1, ["deepspeed=zero0"])),
-    ("sft", ["recipe=tiny/sft", "precision=bf16"], (1, ["deepspeed=zero0"]), (2, ["deepspeed=zero2", "expert_parallel_size=2"])),
+    pytest.param("sft", ["recipe=tiny/sft", "precision=bf16"], (1, ["deepspeed=zero0"]),
+                 (2, ["deepspeed=zero2", "expert_parallel_size=2"]), marks=pytest.mark.layouts),
     pytest.param("sft", ["recipe=tiny/sft", "lora.enabled=true", "optim.lr=1e-2"], (2, ["deepspeed=zero2"]),
                  (1, ["deepspeed=zero1"]), marks=pytest.mark.layouts),  # (-m layouts: the default run's budget)
     ("dpo", ["recipe=tiny/dpo", "allow_random_init=true"], (2, ["deepspeed=zero2"]), (1, ["deepspeed=zero0"])),
     pytest.param("pretrain", ["recipe=tiny/pretrain"], (1, ["deepspeed=zero1"]), (2, ["deepspeed=zero3"]),
-                 marks=pytest.mark.layouts),
+                 marks=pytest.mark.extended),
 ], ids=["sft_bf16_zero3_ep2_to_1rank_zero0", "sft_bf16_1rank_zero0_to_zero2_ep2", "sft_lora_zero2_to_1rank_zero1",
         "dpo_precomputed_reference_zero2_to_1rank_zero0", "pretrain_1rank_zero1_to_zero3"])
 def test_resume_on_another_layout(stage, extra, before, after, tmp_path):
@@ -281,7 +283,7 @@ def _interrupt_at(launcher: list[str], out, args: list[str], step: int):
     return proc, proc.communicate(timeout=300)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.extended), 2])
 def test_ctrl_c_checkpoints_and_the_printed_command_continues_exactly(nproc, uninterrupted, tmp_path):
     """Ctrl-C on 1 rank (`python train/sft.py`) or 2 (`python train/sft.py --nproc_per_node 2`), with no
     checkpoint_every: every rank finishes its step, a checkpoint is written, status 130, one line with the

@@ -40,6 +40,7 @@ CASES = {  # name: (stage, ranks, layout overrides, overrides the 1-rank baselin
     "dpo_lora_experts_adapters_off_zero2": ("dpo", 2, ["deepspeed=zero2"], ["lora.enabled=true", "lora.experts=true",
                                                                             "dpo.reference=adapters_off"]),
 }
+DEFAULT_CASES = {"sft_zero2", "pretrain_zero3_checkpointing_tiled", "dpo_zero3_live_reference"}  # the rest: -m extended
 LAYOUT_CASES = {  # -m layouts: two data-parallel groups of two
     "sft_zero3_sp2_dp2": ("sft", 4, ["deepspeed=zero3"], []),
     "dpo_zero1_sp2_dp2": ("dpo", 4, ["deepspeed=zero1"], []),
@@ -75,13 +76,13 @@ def _check(stage, nproc, layout, shared, one_rank, tmp_path):
         assert b.get("label_tokens") == a.get("label_tokens")
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [n if n in DEFAULT_CASES else pytest.param(n, marks=pytest.mark.extended) for n in CASES])
 def test_two_ranks_sharing_rows_train_like_one(name, one_rank, tmp_path):
     _check(*CASES[name], one_rank, tmp_path)
 
 
-@pytest.mark.layouts
-@pytest.mark.parametrize("name", LAYOUT_CASES)
+@pytest.mark.parametrize("name", [pytest.param("sft_zero3_sp2_dp2", marks=pytest.mark.layouts),
+                                  pytest.param("dpo_zero1_sp2_dp2", marks=pytest.mark.extended)])
 def test_sequence_and_data_parallel_on_four_ranks(name, one_rank, tmp_path):
     _check(*LAYOUT_CASES[name], one_rank, tmp_path)
 

@@ -17,10 +17,14 @@ REPEATED = ["data.synthetic_samples=8", "data.packing=false", "max_seq_len=64", 
             "micro_batch_size=2", "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=3e-3"]
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft"])
-@pytest.mark.parametrize("parallel", [["deepspeed=zero2"], ["deepspeed=zero3", "expert_parallel_size=2",
-                                      "router.global_batch=true", "router.z_loss_coef=1e-3", "precision=bf16"]],
-                         ids=["zero2", "zero3_ep2_bf16"])
+ZERO3_EP2_BF16 = ["deepspeed=zero3", "expert_parallel_size=2", "router.global_batch=true", "router.z_loss_coef=1e-3",
+                  "precision=bf16"]
+
+
+@pytest.mark.parametrize("stage, parallel", [
+    pytest.param("sft", ["deepspeed=zero2"], id="zero2-sft"), pytest.param("sft", ZERO3_EP2_BF16, id="zero3_ep2_bf16-sft"),
+    pytest.param("pretrain", ["deepspeed=zero2"], id="zero2-pretrain", marks=pytest.mark.extended),
+    pytest.param("pretrain", ZERO3_EP2_BF16, id="zero3_ep2_bf16-pretrain", marks=pytest.mark.extended)])
 def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
     out = tmp_path / "run"
     proc = run_stage(stage, out, [f"recipe=tiny/{stage}", "max_steps=6", *REPEATED, *parallel])
@@ -43,6 +47,7 @@ def test_two_ranks_loss_falls_and_export_loads(stage, parallel, tmp_path):
     check_hf_repository(out / "hf", proc.stdout, stage)
 
 
+@pytest.mark.extended  # the layouts run holds every layout against one rank
 def test_one_rank_equals_two_ranks_zero3_ep2(tmp_path):
     """Same global batch, aux off, plain SGD (no Adam normalisation to hide a gradient-scale error):
     1 rank ZeRO-0 with accumulation 4 vs 2 ranks ZeRO-3 + EP 2, and ZeRO-2 + EP 2, with accumulation 2."""
@@ -125,7 +130,7 @@ def test_lora_adapter_and_merged_export(zero, experts, router, precision, ep, tm
     check_hf_repository(out / "hf", proc.stdout, "sft")
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", pytest.param("dpo", marks=pytest.mark.extended)])
 def test_log_file_without_a_terminal(stage, tmp_path):
     """Run as a batch job would (stdout and stderr into one file): no carriage returns, no compiler output or
     known third-party warnings; plain step lines whose loss terms add up, with ETA; the summary block last."""
