@@ -128,7 +128,7 @@ def test_layout_equals_one_rank(stage, layout, starts, baselines, tmp_path):
 
 @pytest.mark.extended
 def test_dpo_from_model_path_zero3_ep2_equals_one_rank(starts, baselines, tmp_path):
-    """The cross-section of the default run: this combination crashed in its export once."""
+    """DPO from a hub-layout folder under ZeRO-3 + EP 2: this combination crashed in its export once."""
     check_layout("dpo", "zero3_ep2", starts, baselines, tmp_path)
 
 
@@ -279,7 +279,7 @@ def test_bf16_layout_equals_one_rank(stage, layout, starts, bf16_baselines, tmp_
                                            ((1, ["deepspeed=zero0"]), (2, ["deepspeed=zero2", "expert_parallel_size=2"]))],
                          ids=["zero3_ep2_to_1rank_zero0", "1rank_zero0_to_zero2_ep2"])
 def test_resume_fp32_zero0_on_another_layout(before, after, tmp_path):
-    """The fp32 twins of the default run's bf16 ZeRO-0 resumes (a plain torch AdamW there, no masters)."""
+    """The fp32 twins of the bf16 ZeRO-0 resumes in test_reliability.py (a plain torch AdamW there, no masters)."""
     from helpers import ELASTIC, check_resume_elsewhere
 
     check_resume_elsewhere("sft", [*ELASTIC, "recipe=tiny/sft"], before, after, tmp_path)

@@ -224,7 +224,7 @@ def test_dead_rank_is_named_and_the_survivor_exits(tmp_path):
     pytest.param("sft", ["recipe=tiny/sft", "precision=bf16"], (1, ["deepspeed=zero0"]),
                  (2, ["deepspeed=zero2", "expert_parallel_size=2"]), marks=pytest.mark.layouts),
     pytest.param("sft", ["recipe=tiny/sft", "lora.enabled=true", "optim.lr=1e-2"], (2, ["deepspeed=zero2"]),
-                 (1, ["deepspeed=zero1"]), marks=pytest.mark.layouts),  # (-m layouts: the default run's budget)
+                 (1, ["deepspeed=zero1"]), marks=pytest.mark.layouts),
     ("dpo", ["recipe=tiny/dpo", "allow_random_init=true"], (2, ["deepspeed=zero2"]), (1, ["deepspeed=zero0"])),
     pytest.param("pretrain", ["recipe=tiny/pretrain"], (1, ["deepspeed=zero1"]), (2, ["deepspeed=zero3"]),
                  marks=pytest.mark.extended),
@@ -234,7 +234,7 @@ def test_resume_on_another_layout(stage, extra, before, after, tmp_path):
     """A checkpoint continued on another world size, EP size and ZeRO stage through the portable
     checkpoint (train/elastic.py) equals the uninterrupted runs (tests/helpers.py
     `check_resume_elsewhere`). DPO's cached reference log-probs are reused. The two ZeRO-0 cases run in bf16,
-    where ZeRO-0 keeps fp32 masters inside DeepSpeed's FP16_UnfusedOptimizer (their fp32 twins: -m layouts)."""
+    where ZeRO-0 keeps fp32 masters inside DeepSpeed's FP16_UnfusedOptimizer (their fp32 twins: test_layouts.py, -m extended)."""
     check_resume_elsewhere(stage, [*ELASTIC, *extra], before, after, tmp_path)
 
 
